@@ -1,0 +1,164 @@
+"""Image data for training and testing: the resized uint8 training cache (built once, in
+parallel), the paired cross-modal training set, the test-image set and their transforms."""
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_CHUNK = 256
+
+# Cache file prefixes per modality; SYSU-MM01's are the names pre_process_sysu.py always wrote.
+CACHE_PREFIX = {'visible': 'train_rgb_resized', 'infrared': 'train_ir_resized'}
+
+
+def read_image(path, size=None):
+    """Decode an image of any mode as RGB, optionally resized to size=(w, h) with Lanczos."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('RGB')
+            return img.resize(size, Image.Resampling.LANCZOS) if size else img
+    except FileNotFoundError:
+        raise UserError(f'image {path} does not exist.') from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise UserError(f'image {path} cannot be read (unreadable or truncated: {error}).') from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training cache: every training image resized once to (img_w, img_h), stored as uint8 .npy
+
+def cache_key(image_list, size):
+    """Identifies the cache content: the image paths (relative to nothing but their names and
+    folders), the labels and the size. A change of any of them rebuilds the cache."""
+    digest = hashlib.sha1(repr(tuple(size)).encode())
+    for path, pid in zip(image_list.paths, image_list.pids.tolist()):
+        digest.update(f'{path}\t{pid}\n'.encode())
+    return digest.hexdigest()
+
+
+def load_or_build_cache(image_list, cache_dir, size, workers=4, show_progress=True):
+    """Return (images [N, h, w, 3] uint8, memory-mapped, labels [N]) for a training ImageList,
+    building `<prefix>_img.npy`, `<prefix>_label.npy` and `<prefix>_meta.json` in cache_dir when
+    they are missing or were built from another image list or size."""
+    prefix = os.path.join(cache_dir, CACHE_PREFIX[image_list.modality])
+    key = cache_key(image_list, size)
+    if _read_meta(prefix + '_meta.json').get('key') != key:
+        _build_cache(image_list, prefix, size, workers, show_progress)
+        _write_json(prefix + '_meta.json', {'key': key, 'size': list(size), 'count': len(image_list)})
+    return np.load(prefix + '_img.npy', mmap_mode='r'), np.load(prefix + '_label.npy')
+
+
+def _read_meta(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path, content):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as handle:
+        json.dump(content, handle)
+    os.replace(tmp, path)
+
+
+def _build_cache(image_list, prefix, size, workers, show_progress):
+    width, height = size
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    tmp_path = prefix + '_img.tmp.npy'
+    images = np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8,
+                                       shape=(len(image_list), height, width, 3))
+    del images  # workers fill it through their own memory maps
+    chunks = [(tmp_path, start, image_list.paths[start:start + CACHE_CHUNK], size)
+              for start in range(0, len(image_list), CACHE_CHUNK)]
+    progress = tqdm(total=len(image_list), desc=f'caching {image_list.modality} images',
+                    disable=not show_progress, unit='img')
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_fill_chunk, chunks):
+                progress.update(done)
+    else:
+        for chunk in chunks:
+            progress.update(_fill_chunk(chunk))
+    progress.close()
+    np.save(prefix + '_label.npy', np.asarray(image_list.pids, dtype=np.int64))
+    os.replace(tmp_path, prefix + '_img.npy')
+
+
+def _fill_chunk(job):
+    path, start, paths, size = job
+    images = np.load(path, mmap_mode='r+')
+    for offset, image_path in enumerate(paths):
+        images[start + offset] = np.asarray(read_image(image_path, size))
+    images.flush()
+    return len(paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+
+def train_transform(img_h, img_w, erasing_scale=(0.02, 0.4), grayscale=0.5):
+    """The released augmentation on a uint8 CHW tensor: pad 10, random grayscale, random crop,
+    horizontal flip, ImageNet normalisation, random erasing (filled with the mean pixel)."""
+    steps = [v2.Pad(10)]
+    if grayscale:
+        steps.append(v2.RandomGrayscale(p=grayscale))
+    steps += [v2.RandomCrop((img_h, img_w)), v2.RandomHorizontalFlip(),
+              v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if erasing_scale:
+        steps.append(v2.RandomErasing(p=0.5, scale=erasing_scale, ratio=(0.3, 1 / 0.3), value=0))
+    return v2.Compose(steps)
+
+
+def test_transform():
+    """uint8 HWC array or PIL image of the test size -> normalised float CHW tensor."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+class CrossModalTrainSet(torch.utils.data.Dataset):
+    """Paired training samples: index (visible i, infrared j) -> (vis image, ir image, vis label,
+    ir label), each image augmented independently from the uint8 caches."""
+
+    def __init__(self, visible, infrared, transform):
+        (self.visible_images, self.visible_labels) = visible
+        (self.infrared_images, self.infrared_labels) = infrared
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.visible_labels)
+
+    def _augment(self, images, index):
+        return self.transform(torch.from_numpy(np.array(images[index])).permute(2, 0, 1))
+
+    def __getitem__(self, pair):
+        vis, ir = pair
+        return (self._augment(self.visible_images, vis), self._augment(self.infrared_images, ir),
+                int(self.visible_labels[vis]), int(self.infrared_labels[ir]))
+
+
+class TestImageSet(torch.utils.data.Dataset):
+    """Test images by path, decoded and resized to (img_w, img_h)."""
+
+    def __init__(self, paths, img_h, img_w):
+        self.paths, self.size = list(paths), (img_w, img_h)
+        self.transform = test_transform()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(read_image(self.paths[index], self.size))
