@@ -29,7 +29,7 @@ def add_runtime_args(parser):
     """Device, precision and input-pipeline flags common to train.py and test.py."""
     parser.add_argument('--gpu', type=int, help='CUDA device index (same as --device cuda:N)')
     parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
-    parser.add_argument('--workers', type=int, default=4, help='data-loading processes')
+    parser.add_argument('--workers', type=int, help='data-loading processes (default 4)')
     parser.add_argument('--test-batch', type=int, help='test images per forward pass (default 64)')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='mixed precision (autocast; fp16 adds a gradient scaler)')
@@ -255,6 +255,7 @@ def parse_args(argv=None):
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     args.test_batch = args.test_batch or 64
+    args.workers = 4 if args.workers is None else args.workers
     if args.data_path is None:
         from train import DEFAULT_DATA_PATHS
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]

@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -18,7 +17,7 @@ from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import MODALITIES, train_image_lists
 from loss import build_criterion
 from model import build_model, load_model_weights
-from test import add_runtime_args, autocast_context, evaluate_model, resolve_device, selection_rank1
+from test import add_runtime_args, autocast_context, resolve_device, selection_rank1
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_seed,
                    init_distributed, load_checkpoint, rng_state, run_main, save_checkpoint,
                    seed_everything, set_rng_state, setup_logger)
@@ -62,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument('--batch-size', type=int, help='identities per step per process (P)')
     parser.add_argument('--num_pos', type=int, help='images per identity per modality (K)')
     parser.add_argument('--epochs', type=int, help='number of epochs (DEEN 151, AGW 81)')
+    parser.add_argument('--warmup', type=int, help='epochs of linear learning-rate warm-up (10)')
+    parser.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning rate '
+                        'drops x0.1 (DEEN 20 80, AGW 20 50)')
     parser.add_argument('--trial', default='1', help='RegDB split 1..10, or "all" to train the ten '
                         'splits one after another')
     parser.add_argument('--mode', default='all', choices=('all', 'indoor'),
@@ -99,6 +101,8 @@ def resolve_defaults(args):
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     args.cache_dir = args.cache_dir or args.data_path
     args.pretrained = args.pretrained or 'imagenet'
+    args.workers = 4 if args.workers is None else args.workers
+    args.test_batch = args.test_batch or 64
     if args.trial != 'all' and not (args.trial.isdigit() and 1 <= int(args.trial) <= 10):
         raise UserError(f'--trial must be a RegDB split 1..10 or "all", got {args.trial!r}.')
     for name in ('batch_size', 'num_pos', 'epochs', 'img_h', 'img_w', 'test_batch'):
@@ -364,6 +368,9 @@ class Trainer:
         if not args.eval_every or ((epoch + 1) % args.eval_every and epoch + 1 != args.epochs):
             return None
         start = time.time()
+        if self.ctx.enabled:  # BN statistics differ per process (each saw its own batches): use rank 0's
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
         metrics = selection_rank1(self.model, self.layout, args.data_path, trial=int(self.trial),
                                   mode=args.mode, args=args, device=self.device, ctx=self.ctx)
         metrics['seconds'] = time.time() - start

@@ -1,5 +1,6 @@
 """Shared helpers: user-facing errors, seeding, the identity-balanced cross-modal sampler,
 meters, logging, distributed context and checkpoint I/O (atomic, weights-only)."""
+import glob
 import logging
 import os
 import pickle
@@ -224,6 +225,8 @@ def save_checkpoint(state, path):
     then renamed over path, so that a crash or a full disk mid-save leaves the old file intact."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, f'.{glob.escape(os.path.basename(path))}.tmp*')):
+        os.remove(stale)  # left by a process killed mid-save
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as handle:
