@@ -29,8 +29,8 @@ def read_image(path, size=None):
             return img.resize(size, Image.Resampling.LANCZOS) if size else img
     except FileNotFoundError:
         raise UserError(f'image {path} does not exist.') from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise UserError(f'image {path} cannot be read (unreadable or truncated: {error}).') from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise UserError(f'image {path} cannot be decoded (corrupt, truncated or not an image).') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,16 +81,15 @@ def _build_cache(image_list, prefix, size, workers, show_progress):
     del images  # workers fill it through their own memory maps
     chunks = [(tmp_path, start, image_list.paths[start:start + CACHE_CHUNK], size)
               for start in range(0, len(image_list), CACHE_CHUNK)]
-    progress = tqdm(total=len(image_list), desc=f'caching {image_list.modality} images',
-                    disable=not show_progress, unit='img')
-    if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for done in pool.map(_fill_chunk, chunks):
-                progress.update(done)
-    else:
-        for chunk in chunks:
-            progress.update(_fill_chunk(chunk))
-    progress.close()
+    with tqdm(total=len(image_list), desc=f'caching {image_list.modality} images',
+              disable=not show_progress, unit='img') as progress:
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for done in pool.map(_fill_chunk, chunks):
+                    progress.update(done)
+        else:
+            for chunk in chunks:
+                progress.update(_fill_chunk(chunk))
     np.save(prefix + '_label.npy', np.asarray(image_list.pids, dtype=np.int64))
     os.replace(tmp_path, prefix + '_img.npy')
 

@@ -150,8 +150,10 @@ def first_train_image(root, modality_file='train_vis.txt'):
 
 def assert_user_error(capsys, code, *phrases):
     err = capsys.readouterr().err
+    last_line = err.replace('\r', '\n').strip().splitlines()[-1]
     assert code == 2, err
-    assert err.startswith('error: ') and 'Traceback' not in err and err.count('\n') == 1, err
+    assert last_line.startswith('error: ') and err.count('error: ') == 1, err
+    assert 'Traceback' not in err and last_line.count('.') >= 1, err
     for phrase in phrases:
         assert phrase in err, err
 
