@@ -106,10 +106,10 @@ def _fill_chunk(job):
 # ----------------------------------------------------------------------------------------------
 # Transforms
 
-def train_transform(img_h, img_w, erasing_scale=(0.02, 0.4), grayscale=0.5):
+def train_transform(img_h, img_w, erasing_scale=(0.02, 0.4), grayscale=0.5, pad=10):
     """The released augmentation on a uint8 CHW tensor: pad 10, random grayscale, random crop,
     horizontal flip, ImageNet normalisation, random erasing (filled with the mean pixel)."""
-    steps = [v2.Pad(10)]
+    steps = [v2.Pad(pad)]
     if grayscale:
         steps.append(v2.RandomGrayscale(p=grayscale))
     steps += [v2.RandomCrop((img_h, img_w)), v2.RandomHorizontalFlip(),

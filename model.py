@@ -261,7 +261,7 @@ class TwoStreamNet(nn.Module):
 
     def __init__(self, num_classes, embed_dim, with_layer4=True):
         super().__init__()
-        resnet = torchvision.models.resnet50()
+        resnet = torchvision.models.resnet50(zero_init_residual=True)  # stable from scratch; pretrained weights overwrite it
         self.visible_stem = ModalityStem(resnet)
         self.infrared_stem = ModalityStem(resnet)
         self.trunk = ResNetTrunk(resnet, with_layer4)

@@ -56,6 +56,16 @@ def resolve_device(args):
     return device
 
 
+def setup_runtime(args):
+    """(device, distributed context): under torchrun each process takes the GPU of its local rank."""
+    device = resolve_device(args)
+    ctx = init_distributed(device.type)
+    if ctx.enabled and device.type == 'cuda':
+        device = torch.device('cuda', ctx.local_rank)
+        torch.cuda.set_device(device)
+    return device, ctx
+
+
 def autocast_context(device, amp):
     """torch.autocast for --amp bf16|fp16, a no-op for off."""
     if amp == 'off':
@@ -310,10 +320,7 @@ def separate_extraction_cost(splits):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args)
-    ctx = init_distributed(device.type)
-    if ctx.enabled and device.type == 'cuda':
-        device = torch.device('cuda', ctx.local_rank)
+    device, ctx = setup_runtime(args)
     summaries, counts = run_tests(args, device, ctx)
     if not ctx.is_main:
         return 0

@@ -17,9 +17,9 @@ from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import MODALITIES, train_image_lists
 from loss import build_criterion
 from model import build_model, load_model_weights
-from test import add_runtime_args, autocast_context, resolve_device, selection_rank1
+from test import add_runtime_args, autocast_context, selection_rank1, setup_runtime
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_seed,
-                   init_distributed, load_checkpoint, rng_state, run_main, save_checkpoint,
+                   load_checkpoint, rng_state, run_main, save_checkpoint,
                    seed_everything, set_rng_state, setup_logger)
 
 CHECKPOINT_FORMAT = 'deen-vireid'
@@ -30,15 +30,15 @@ DEFAULT_DATA_PATHS = {'sysu': 'data/SYSU-MM01', 'regdb': 'data/RegDB', 'llcm': '
 # The released recipes (METHOD.md); flags left unset take these values.
 METHOD_DEFAULTS = {
     'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
-                 lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4)),
+                 lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
     'agw': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4)),
+                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10),
 }
 DATASET_OVERRIDES = {
     'sysu': {'deen': dict(erasing=(0.2, 0.8))},
     # A small configuration that trains from scratch on CPU in minutes (README: the demo).
-    'demo': {method: dict(batch_size=4, num_pos=4, img_h=128, img_w=64, epochs=12, lr_steps=(8, 11),
-                          warmup=2, pretrained='none', workers=2, test_batch=64)
+    'demo': {method: dict(batch_size=4, num_pos=4, img_h=64, img_w=32, epochs=8, lr_steps=(6,),
+                          warmup=1, pretrained='none', workers=0, test_batch=128, pad=2)
              for method in METHOD_DEFAULTS},
 }
 
@@ -208,7 +208,7 @@ class Trainer:
         caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
                   for m in MODALITIES]
         num_classes = int(max(labels.max() for _, labels in caches)) + 1
-        transform = train_transform(args.img_h, args.img_w, args.erasing, args.grayscale)
+        transform = train_transform(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad)
         dataset = CrossModalTrainSet(*caches, transform)
         sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                                   seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
@@ -412,11 +412,7 @@ def trials_to_run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args)
-    ctx = init_distributed(device.type)
-    if ctx.enabled and device.type == 'cuda':
-        device = torch.device('cuda', ctx.local_rank)
-        torch.cuda.set_device(device)
+    device, ctx = setup_runtime(args)
     try:
         with StopRequest() as stop:
             for trial in trials_to_run(args):

@@ -1,0 +1,53 @@
+"""Cold and warm start-up of train.py on an LLCM-sized synthetic folder: seconds until the first
+training step is done, without (cold: decode and cache every image) and with the cache (warm)."""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from tools.synthetic_data import make_llcm  # noqa: E402
+
+
+def time_first_step(data_path, out, workers):
+    """Wall seconds of `train.py` doing one step of one epoch (no evaluation)."""
+    command = [sys.executable, os.path.join(REPO, 'train.py'), '--dataset', 'llcm', '--data-path',
+               data_path, '--model_path', os.path.join(out, 'models'), '--log_path',
+               os.path.join(out, 'logs'), '--cache-dir', os.path.join(out, 'cache'), '--pretrained',
+               'none', '--img_h', '128', '--img_w', '64', '--epochs', '1', '--max-steps', '1',
+               '--eval-every', '0', '--device', 'cpu', '--workers', str(workers)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--data-path', help='an existing LLCM-layout folder (default: generate one)')
+    parser.add_argument('--train-ids', type=int, default=713)
+    parser.add_argument('--images-per-camera', type=int, default=7)
+    parser.add_argument('--workers', type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        data_path = args.data_path
+        if data_path is None:
+            data_path = os.path.join(scratch, 'llcm')
+            start = time.perf_counter()
+            summary = make_llcm(data_path, num_train_ids=args.train_ids, num_test_ids=10,
+                                images_per_camera=args.images_per_camera, size=(64, 128), seed=1)
+            print(f'generated {summary["counts"]} in {time.perf_counter() - start:.1f} s')
+        with open(os.path.join(data_path, 'idx', 'train_vis.txt')) as vis, \
+                open(os.path.join(data_path, 'idx', 'train_nir.txt')) as nir:
+            count = sum(1 for _ in vis) + sum(1 for _ in nir)
+        cold = time_first_step(data_path, scratch, args.workers)
+        warm = time_first_step(data_path, scratch, args.workers)
+        print(f'{count} training images, 128x64, {args.workers} cache workers')
+        print(f'cold start (build the cache) to first step done: {cold:.1f} s')
+        print(f'warm start (cache present)   to first step done: {warm:.1f} s')
+
+
+if __name__ == '__main__':
+    main()
