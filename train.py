@@ -37,8 +37,8 @@ METHOD_DEFAULTS = {
 DATASET_OVERRIDES = {
     'sysu': {'deen': dict(erasing=(0.2, 0.8))},
     # A small configuration that trains from scratch on CPU in minutes (README: the demo).
-    'demo': {method: dict(batch_size=4, num_pos=4, img_h=64, img_w=32, epochs=8, lr_steps=(6,),
-                          warmup=1, pretrained='none', workers=0, test_batch=128, pad=2)
+    'demo': {method: dict(lr=0.02, batch_size=4, num_pos=4, img_h=64, img_w=32, epochs=10,
+                          lr_steps=(8,), warmup=2, pretrained='none', workers=0, test_batch=128, pad=2)
              for method in METHOD_DEFAULTS},
 }
 

@@ -290,3 +290,20 @@ def test_render_person_returns_the_requested_size_in_every_modality():
         assert image.size == (16, 32) and image.mode == 'RGB'
     with pytest.raises(ValueError):
         sd.render_person(3, 2, 'ultraviolet', 0, np.random.default_rng(0), (16, 32))
+
+
+def test_nir_brightness_is_set_by_the_dye_not_by_the_visible_brightness():
+    """A colour fixes its NIR reflectance up to a small material deviation (so the mapping can
+    be learnt from training ids), but dark dyes can be bright in NIR and light ones dark."""
+    def luma(rgb):
+        return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+    def nir(rgb, seed=0):
+        return sd.nir_reflectance(rgb, np.random.default_rng(seed))
+
+    assert np.std([nir((150, 20, 20), seed) for seed in range(50)]) < 0.1
+    assert nir((90, 0, 0)) > 0.65 and luma((90, 0, 0)) < 30        # dark red: bright in NIR
+    assert nir((0, 255, 255)) < 0.3 and luma((0, 255, 255)) > 170  # light cyan: dark in NIR
+    rng = np.random.default_rng(0)
+    colours = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(200)]
+    assert abs(np.corrcoef([luma(c) for c in colours], [nir(c) for c in colours])[0, 1]) < 0.5

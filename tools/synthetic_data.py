@@ -18,7 +18,7 @@ REGDB_TRIALS = range(1, 11)
 LOW_LIGHT_CAMERAS = (3, 7, 9)  # visible cameras rendered dark and noisy (LLCM-style low light)
 LLCM_TAGS = {'visible': 'vis', 'infrared': 'nir'}
 
-# The embedded demo (train.py --dataset demo: DEEN at 128x64, 4 ids x 4 images, 12 epochs, CPU).
+# The embedded demo (train.py --dataset demo trains DEEN on it at 64x32, 4 ids x 4 images, CPU).
 DEMO_CONFIG = dict(num_train_ids=40, num_test_ids=20, images_per_camera=2, size=(64, 128),
                    seed=2023)
 DEMO_MARKER = '.demo_complete'
@@ -34,8 +34,9 @@ README_TEXT = """SYNTHETIC DATA - not the real {title}.
 
 Written by tools/synthetic_data.py ({function}) in the on-disk layout of {title}, for tests and
 the demo. The people are drawn figures: each identity has its own build, clothing colours, shirt
-texture, bag, and per-garment near-infrared/thermal intensities that are not the grey of the
-visible colours. No image comes from the real dataset.
+texture and bag. In near-infrared a garment's brightness follows a law of its dye's hue (not
+the grey of its colour: dark clothes may be bright), plus a per-garment deviation; thermal
+images show warm skin and garments by thickness. No image comes from the real dataset.
 
 {summary}
 """
@@ -47,7 +48,8 @@ visible colours. No image comes from the real dataset.
 def identity_attributes(pid):
     """The look of identity pid (depends on pid only): build, colours (RGB 0..255), shirt
     texture, lower garment, bag, and per-part near-infrared ('nir') and 'thermal' intensities
-    in 0..1, drawn independently of the visible colours (materials, not dyes)."""
+    in 0..1: NIR from nir_reflectance (a law of the dye's hue, not its brightness), thermal
+    drawn independently of the colours (warm skin, garments by thickness)."""
     rng = np.random.default_rng([IDENTITY_SEED, int(pid)])
     attrs = dict(
         height=rng.uniform(0.74, 0.92),      # figure height / canvas height
