@@ -1,12 +1,15 @@
 """Speed of the vectorised ranking metrics against the per-query reference loop and one argsort,
 on random LLCM-, SYSU-MM01- and RegDB-sized test sets (CPU, and CUDA if present)."""
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 
-from eval_metrics import rank_metrics, reference_metrics
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval_metrics import rank_metrics, reference_metrics  # noqa: E402
 
 # name -> (queries, gallery, test ids, query cameras, gallery cameras, matching, identity CMC)
 CASES = {
