@@ -12,7 +12,8 @@ from PIL import Image
 from tools import synthetic_data as sd
 
 LLCM_NAME = re.compile(r'^(train|test)_(vis|nir)/cam(\d)/(\d{4})/\4_c0\3_s\d{6}_f\d{4}_\2\.jpg$')
-REGDB_NAME = re.compile(r'^(Visible|Thermal)/(\d+)/(male|female)_(front|back)_([vt])_\d{5}_\2\.bmp$')
+REGDB_NAME = re.compile(
+    r'^(Visible|Thermal)/(\d+)/(male|female)_(front|back)_([vt])_\d{5}_\2\.bmp$')
 
 
 def read_index(path):
@@ -103,7 +104,8 @@ def test_llcm_nir_images_have_equal_channels(llcm_root):
 # SYSU-MM01
 
 def test_sysu_id_files_folders_and_names(sysu_root, sysu_summary):
-    splits = {name: read_ids(sysu_root / 'exp' / f'{name}_id.txt') for name in ('train', 'val', 'test')}
+    splits = {name: read_ids(sysu_root / 'exp' / f'{name}_id.txt')
+              for name in ('train', 'val', 'test')}
     assert splits == {name: sysu_summary[f'{name}_ids'] for name in splits}
     everyone = sorted(itertools.chain(*splits.values()))
     assert len(set(everyone)) == len(everyone)
@@ -114,7 +116,8 @@ def test_sysu_id_files_folders_and_names(sysu_root, sysu_summary):
     assert set(cams) == {1, 2, 3, 4, 5, 6}
     on_disk = by_id(cams)
     for pid in everyone:
-        expected = sorted(sysu_summary['cameras']['visible'][pid] + sysu_summary['cameras']['infrared'][pid])
+        cameras = sysu_summary['cameras']
+        expected = sorted(cameras['visible'][pid] + cameras['infrared'][pid])
         assert on_disk[pid] == expected
         for camera in expected:
             names = sorted(os.listdir(sysu_root / f'cam{camera}' / f'{pid:04d}'))
@@ -162,9 +165,11 @@ def test_regdb_trials_differ_and_thermal_files_twin_the_visible(regdb_root, regd
     splits = {tuple(regdb_summary['trials'][t]['train']) for t in range(1, 11)}
     assert len(splits) == 10
     for pid in regdb_summary['ids']:
-        visible, thermal = regdb_summary['files']['visible'][pid], regdb_summary['files']['thermal'][pid]
+        files = regdb_summary['files']
+        visible, thermal = files['visible'][pid], files['thermal'][pid]
         assert [p.replace('Visible/', 'Thermal/').replace('_v_', '_t_') for p in visible] == thermal
-        assert sorted(os.listdir(regdb_root / 'Visible' / str(pid))) == sorted(os.path.basename(p) for p in visible)
+        on_disk = sorted(os.listdir(regdb_root / 'Visible' / str(pid)))
+        assert on_disk == sorted(os.path.basename(p) for p in visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +184,6 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
     second = sd.make_llcm(tmp_path / 'b', num_train_ids=2, num_test_ids=2, seed=5)
     other = sd.make_llcm(tmp_path / 'c', num_train_ids=2, num_test_ids=2, seed=6)
     assert first == second
-    listing = sorted(str(p.relative_to(tmp_path / 'a')) for p in (tmp_path / 'a').rglob('*'))
-    assert listing == sorted(str(p.relative_to(tmp_path / 'b')) for p in (tmp_path / 'b').rglob('*'))
     image = read_index(tmp_path / 'a' / 'idx' / 'train_nir.txt')[0][0]
     assert (tmp_path / 'a' / image).read_bytes() == (tmp_path / 'b' / image).read_bytes()
     assert contents(tmp_path / 'a') == contents(tmp_path / 'b')
@@ -198,7 +201,8 @@ def test_a_custom_renderer_is_called_with_the_documented_arguments(tmp_path):
     assert len(calls) == sum(sum(c.values()) for c in summary['counts'].values())
     assert {c[2] for c in calls} == {'visible', 'infrared'}
     pid, camera, modality, index, size = calls[0]
-    saved = pixels(Image.open(tmp_path / 'sysu' / f'cam{camera}' / f'{pid:04d}' / f'{index + 1:04d}.jpg'))
+    path = tmp_path / 'sysu' / f'cam{camera}' / f'{pid:04d}' / f'{index + 1:04d}.jpg'
+    saved = pixels(Image.open(path))
     assert saved.shape == (16, 8, 3) and abs(saved[..., 0].mean() - pid) < 4
 
 
