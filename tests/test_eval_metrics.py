@@ -95,7 +95,7 @@ def test_cuda_equals_reference():
     rng = np.random.default_rng(11)
     for dataset in PROTOCOLS:
         args, expected = random_case(rng, dataset, ties=True)
-        distmat = torch.from_numpy(args[0]).cuda()
+        distmat = torch.from_numpy(args[0]).to('cuda')
         assert_same_metrics(EVAL_FUNCTIONS[dataset](distmat, *args[1:]), expected)
 
 
