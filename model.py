@@ -1,5 +1,7 @@
-"""The networks: DEEN (modality stems, shared last-stride-1 ResNet-50 trunk, MFA blocks, DEE module,
-BNNeck) and the AGW baseline, and their ImageNet / released-checkpoint / trained weight loading."""
+"""The networks: DEEN (modality stems, shared last-stride-1 ResNet trunk, MFA blocks, DEE module,
+BNNeck) and the AGW baseline, and their ImageNet / released-checkpoint / trained weight loading.
+The trunk is torchvision's ResNet-50 as in the paper; ResNet-18/34 (`--arch`) give lighter
+networks of the same design, with every width taken from the trunk's stages."""
 import copy
 import os
 import pickle
@@ -27,7 +29,7 @@ class TrainOutput(NamedTuple):
 # Building blocks
 
 class ModalityStem(nn.Module):
-    """conv1, bn1, ReLU, max-pool copied from a torchvision ResNet-50: [N, 3, H, W] -> [N, 64, H/4, W/4]."""
+    """conv1, bn1, ReLU, max-pool copied from a torchvision ResNet: [N, 3, H, W] -> [N, 64, H/4, W/4]."""
 
     def __init__(self, resnet):
         super().__init__()
@@ -41,9 +43,10 @@ class ModalityStem(nn.Module):
 
 
 class ResNetTrunk(nn.Module):
-    """layer1..layer3 (and layer4 with last stride 1) of torchvision's ResNet-50, shared by both
-    modalities. [N, 64, H/4, W/4] -> layer1 [N, 256, H/4, W/4] -> layer2 [N, 512, H/8, W/8]
-    -> layer3 [N, 1024, H/16, W/16] -> layer4 [N, 2048, H/16, W/16]."""
+    """layer1..layer3 (and layer4 with last stride 1) of a torchvision ResNet, shared by both
+    modalities. ResNet-50: [N, 64, H/4, W/4] -> layer1 [N, 256, H/4, W/4] -> layer2
+    [N, 512, H/8, W/8] -> layer3 [N, 1024, H/16, W/16] -> layer4 [N, 2048, H/16, W/16];
+    ResNet-18/34 have a quarter of those channels (stage_widths)."""
 
     def __init__(self, resnet, with_layer4=True):
         super().__init__()
@@ -52,10 +55,31 @@ class ResNetTrunk(nn.Module):
 
 
 def last_stride_one(layer):
-    """The first block of a ResNet stage at stride 1 (its 3x3 conv and its downsample)."""
-    layer[0].conv2.stride = (1, 1)
-    layer[0].downsample[0].stride = (1, 1)
+    """The first block of a ResNet stage at stride 1: its strided 3x3 conv (conv2 of a
+    bottleneck, conv1 of a basic block) and its downsample."""
+    block = layer[0]
+    strided = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+    strided.stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
     return layer
+
+
+BACKBONES = ('resnet18', 'resnet34', 'resnet50')
+
+
+def make_resnet(arch):
+    """A randomly initialised torchvision ResNet named by --arch (pretrained weights load later).
+    Residual branches end in a zero-initialised BatchNorm so that from-scratch runs start stable."""
+    if arch not in BACKBONES:
+        raise UserError(f'--arch must be one of {", ".join(BACKBONES)}, got {arch!r}.')
+    return getattr(torchvision.models, arch)(zero_init_residual=True)
+
+
+def stage_widths(resnet):
+    """Output channels of layer1..layer4: (256, 512, 1024, 2048) for ResNet-50, (64, 128, 256, 512)
+    for ResNet-18/34."""
+    return tuple(layer[-1].bn3.num_features if hasattr(layer[-1], 'bn3') else layer[-1].bn2.num_features
+                 for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4))
 
 
 def zero_init_projection(in_channels, out_channels, stride=1):
@@ -236,7 +260,7 @@ def average_pool(x):
 # Networks
 
 class TwoStreamNet(nn.Module):
-    """What DEEN and AGW share: a ResNet-50 stem per modality, the shared trunk, BNNeck + classifier.
+    """What DEEN and AGW share: a ResNet stem per modality, the shared trunk, BNNeck + classifier.
 
     Forward API (training must go through forward, for DDP):
 
@@ -248,23 +272,26 @@ class TwoStreamNet(nn.Module):
                                   ortho: DEEN's orthogonal term (scalar tensor); None for AGW)
         eval mode  -> (pool, feat), each L2-normalised, [k*N, D] (fp32)
 
-    k = model.num_branches (DEEN 3, AGW 1), D = model.embed_dim (2048; DEEN on RegDB 1024).
+    k = model.num_branches (DEEN 3, AGW 1), D = model.embed_dim (ResNet-50: 2048, DEEN on RegDB
+    1024; ResNet-18/34: 512 and 256). model.arch names the trunk, model.widths its stage widths.
     DEEN's rows are [orig; gen1; gen2], each [visible; infrared] (DEE triples the batch, also at
     test time); AGW's rows are [visible; infrared].
 
     State dict keys shared by both: visible_stem.{conv1,bn1}.*, infrared_stem.{conv1,bn1}.*,
-    trunk.layer{1,2,3,4}.<torchvision ResNet-50 names> (DEEN on RegDB: no layer4), bottleneck.*
+    trunk.layer{1,2,3,4}.<torchvision ResNet names> (DEEN on RegDB: no layer4), bottleneck.*
     (BatchNorm1d) and classifier.weight.
     """
 
     num_branches = 1
 
-    def __init__(self, num_classes, embed_dim, with_layer4=True):
+    def __init__(self, num_classes, arch='resnet50', with_layer4=True):
         super().__init__()
-        resnet = torchvision.models.resnet50(zero_init_residual=True)  # stable from scratch; pretrained weights overwrite it
+        resnet = make_resnet(arch)
+        self.arch, self.widths = arch, stage_widths(resnet)
         self.visible_stem = ModalityStem(resnet)
         self.infrared_stem = ModalityStem(resnet)
         self.trunk = ResNetTrunk(resnet, with_layer4)
+        embed_dim = self.widths[3] if with_layer4 else self.widths[2]
         self.embed_dim = embed_dim
         self.bottleneck = make_bnneck(embed_dim)
         self.classifier = make_classifier(embed_dim, num_classes)
@@ -302,13 +329,14 @@ class DEEN(TwoStreamNet):
 
     num_branches = 3
 
-    def __init__(self, num_classes, regdb=False):
-        super().__init__(num_classes, embed_dim=1024 if regdb else 2048, with_layer4=not regdb)
+    def __init__(self, num_classes, regdb=False, arch='resnet50'):
+        super().__init__(num_classes, arch, with_layer4=not regdb)
         self.regdb = regdb
-        self.mfa1 = MFABlock(256, 64, downsample=False)
-        self.mfa2 = MFABlock(512, 256, downsample=True)
-        self.mfa3 = None if regdb else MFABlock(1024, 512, downsample=True)
-        self.dee = DEEModule(512 if regdb else 1024)
+        stem, width1, width2, width3, _ = (self.visible_stem.conv1.out_channels, *self.widths)
+        self.mfa1 = MFABlock(width1, stem, downsample=False)
+        self.mfa2 = MFABlock(width2, width1, downsample=True)
+        self.mfa3 = None if regdb else MFABlock(width3, width2, downsample=True)
+        self.dee = DEEModule(width2 if regdb else width3)
 
     def forward(self, visible=None, infrared=None):
         x = self.stems(visible, infrared)              # [N, 64, H/4, W/4]
@@ -327,10 +355,10 @@ class AGW(TwoStreamNet):
     layer3, GeM pooling (p=3), BNNeck. One embedding per image, embed_dim 2048. State dict keys
     besides the shared ones: layer{2,3}_non_local.<i>.{g,theta,phi,W.0}.{weight,bias}, .W.1.*."""
 
-    def __init__(self, num_classes):
-        super().__init__(num_classes, embed_dim=2048)
-        self.layer2_non_local = nn.ModuleList(NonLocal(512) for _ in range(2))
-        self.layer3_non_local = nn.ModuleList(NonLocal(1024) for _ in range(3))
+    def __init__(self, num_classes, arch='resnet50'):
+        super().__init__(num_classes, arch)
+        self.layer2_non_local = nn.ModuleList(NonLocal(self.widths[1]) for _ in range(2))
+        self.layer3_non_local = nn.ModuleList(NonLocal(self.widths[2]) for _ in range(3))
 
     def forward(self, visible=None, infrared=None):
         x = self.stems(visible, infrared)                                   # [N, 64, H/4, W/4]
@@ -351,41 +379,43 @@ def with_non_local(layer, blocks, x):
     return x
 
 
-def build_model(method, num_classes, dataset, pretrained=None):
-    """DEEN ('deen'; dataset 'regdb' selects its RegDB variant) or AGW ('agw'). pretrained:
-    'imagenet' (torchvision ResNet50_Weights.IMAGENET1K_V1 into both stems and the trunk), a
-    path to a torchvision resnet50 state dict file, or None / 'none'."""
+def build_model(method, num_classes, dataset, pretrained=None, arch='resnet50'):
+    """DEEN ('deen'; dataset 'regdb' selects its RegDB variant) or AGW ('agw') on the trunk `arch`.
+    pretrained: 'imagenet' (torchvision's IMAGENET1K_V1 weights of `arch` into both stems and the
+    trunk), a path to a torchvision state dict of `arch`, or None / 'none'."""
     if method == 'deen':
-        model = DEEN(num_classes, regdb=dataset == 'regdb')
+        model = DEEN(num_classes, regdb=dataset == 'regdb', arch=arch)
     elif method == 'agw':
-        model = AGW(num_classes)
+        model = AGW(num_classes, arch=arch)
     else:
         raise UserError(f'--method must be deen or agw, got {method!r}.')
-    resnet_weights = resnet50_state_dict(pretrained)
-    if resnet_weights is not None:
-        load_resnet50(model, resnet_weights, source=pretrained)
+    backbone_weights = backbone_state_dict(pretrained, arch)
+    if backbone_weights is not None:
+        load_backbone(model, backbone_weights, source=pretrained)
     return model
 
 
+def uses_pretrained(pretrained):
+    """Whether --pretrained names weights to start from (not 'none')."""
+    return pretrained is not None and str(pretrained).lower() != 'none'
+
+
 # ----------------------------------------------------------------------------------------------
-# ImageNet / local ResNet-50 weights
+# ImageNet / local backbone weights
 
-IMAGENET_WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-
-
-def resnet50_state_dict(pretrained):
-    """The torchvision ResNet-50 state dict that `pretrained` names, or None."""
-    if pretrained is None or str(pretrained).lower() == 'none':
+def backbone_state_dict(pretrained, arch):
+    """The torchvision state dict of `arch` that `pretrained` names, or None."""
+    if not uses_pretrained(pretrained):
         return None
     if str(pretrained).lower() == 'imagenet':
-        return imagenet_state_dict()
-    return read_state_dict_file(pretrained, f'--pretrained {pretrained}')
+        return imagenet_state_dict(arch)
+    return read_state_dict_file(pretrained, f'--pretrained {pretrained}', arch)
 
 
-def imagenet_state_dict():
-    """torchvision's ImageNet ResNet-50 (IMAGENET1K_V1) from the torch hub cache, downloaded there
-    when missing; offline, a UserError saying where to put the file."""
-    url = IMAGENET_WEIGHTS.url
+def imagenet_state_dict(arch='resnet50'):
+    """torchvision's ImageNet weights of `arch` (IMAGENET1K_V1) from the torch hub cache, downloaded
+    there when missing; offline, a UserError saying where to put the file."""
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
     path = os.path.join(folder, os.path.basename(url))
     if not os.path.isfile(path):
@@ -395,18 +425,18 @@ def imagenet_state_dict():
             torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=False)
         except (urllib.error.URLError, OSError, RuntimeError) as error:  # offline, disk, bad hash
             reason = getattr(error, 'reason', error)
-            raise UserError(f'cannot download the ImageNet ResNet-50 weights ({reason}): put '
+            raise UserError(f'cannot download the ImageNet {arch} weights ({reason}): put '
                             f'{os.path.basename(url)} (from {url}) into {folder}, or pass '
-                            f'--pretrained <path to a torchvision resnet50 state dict> or '
+                            f'--pretrained <path to a torchvision {arch} state dict> or '
                             f'--pretrained none.') from None
-    return read_state_dict_file(path, f'the ImageNet weights {path}')
+    return read_state_dict_file(path, f'the ImageNet weights {path}', arch)
 
 
-def read_state_dict_file(path, what):
+def read_state_dict_file(path, what, arch='resnet50'):
     """torch.load(path, weights_only=True) with one-sentence errors."""
     if not os.path.isfile(path):
         raise UserError(f'{what} does not exist; pass --pretrained imagenet, none, or the path of a '
-                        f'torchvision resnet50 state dict.')
+                        f'torchvision {arch} state dict.')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
@@ -420,8 +450,9 @@ def read_state_dict_file(path, what):
     return state
 
 
-def load_resnet50(model, state, source):
-    """Load a torchvision ResNet-50 state dict into both stems and the trunk (fc is ignored)."""
+def load_backbone(model, state, source):
+    """Load a torchvision ResNet state dict of model.arch into both stems and the trunk (fc is
+    ignored)."""
     state = strip_prefixes(state)
     stem_keys = ('conv1.', 'bn1.')
     stem_state = {k: v for k, v in state.items() if k.startswith(stem_keys)}
@@ -433,7 +464,7 @@ def load_resnet50(model, state, source):
         model.trunk.load_state_dict(trunk_state)
     except RuntimeError as error:
         detail = ' '.join(str(error).split())[:300]
-        raise UserError(f'--pretrained {source} is not a torchvision resnet50 state dict '
+        raise UserError(f'--pretrained {source} is not a torchvision {model.arch} state dict '
                         f'({detail}).') from None
 
 

@@ -29,7 +29,8 @@ def add_runtime_args(parser):
     """Device, precision and input-pipeline flags common to train.py and test.py."""
     parser.add_argument('--gpu', type=int, help='CUDA device index (same as --device cuda:N)')
     parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
-    parser.add_argument('--workers', type=int, help='data-loading processes (default 4)')
+    parser.add_argument('--workers', type=int, help='data-loading processes (default: 4, fewer on machines '
+                        'with fewer cores)')
     parser.add_argument('--test-batch', type=int, help='test images per forward pass (default 64)')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='mixed precision (autocast; fp16 adds a gradient scaler)')
@@ -37,6 +38,13 @@ def add_runtime_args(parser):
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--deterministic', action='store_true',
                         help='deterministic algorithms (bit-reproducible on CPU, cuDNN-deterministic on GPU)')
+
+
+def default_workers():
+    """Data-loading processes when --workers is unset: 4, or as many as the cores this process
+    may use when there are fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return min(4, cores or 1)
 
 
 def resolve_device(args):
@@ -224,7 +232,8 @@ def load_trained_model(path, dataset, device):
         if state['dataset'] != dataset and {state['dataset'], dataset} != {'llcm', 'demo'}:
             raise UserError(f'checkpoint {path} was trained on {state["dataset"]}; test it with '
                             f'--dataset {state["dataset"]}.')
-        info = {'method': state['method'], 'img_h': state['img_h'], 'img_w': state['img_w'],
+        info = {'method': state['method'], 'arch': state.get('arch', 'resnet50'),
+                'img_h': state['img_h'], 'img_w': state['img_w'],
                 'num_classes': state['num_classes'], 'epoch': state['epoch']}
         weights = state['model']
     else:  # released DEEN .t file: {'net': state_dict, 'epoch', 'mAP', ...}
@@ -232,10 +241,11 @@ def load_trained_model(path, dataset, device):
         if 'classifier.weight' not in weights:
             raise UserError(f'checkpoint {path} holds no DEEN/AGW weights (no classifier.weight).')
         height, width = METHOD_IMAGE_SIZE['deen']
-        info = {'method': 'deen', 'img_h': height, 'img_w': width,
+        info = {'method': 'deen', 'arch': 'resnet50', 'img_h': height, 'img_w': width,
                 'num_classes': int(weights['classifier.weight'].shape[0]),
                 'epoch': state.get('epoch')}
-    model = build_model(info['method'], info['num_classes'], dataset, pretrained=None)
+    model = build_model(info['method'], info['num_classes'], dataset, pretrained=None,
+                        arch=info['arch'])
     load_model_weights(model, weights)
     return model.to(device), info
 
@@ -265,7 +275,7 @@ def parse_args(argv=None):
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     args.test_batch = args.test_batch or 64
-    args.workers = 4 if args.workers is None else args.workers
+    args.workers = default_workers() if args.workers is None else args.workers
     if args.data_path is None:
         from train import DEFAULT_DATA_PATHS
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]

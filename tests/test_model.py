@@ -194,8 +194,31 @@ def test_non_local_matches_the_method_formula():
         torch.testing.assert_close(block(x), released_non_local(block, x))
 
 
+@pytest.mark.parametrize('arch, widths', [('resnet18', (64, 128, 256, 512)),
+                                           ('resnet34', (64, 128, 256, 512))])
+def test_lighter_trunks_take_their_widths_from_the_stages(arch, widths):
+    model = build_model('deen', 8, 'llcm', arch=arch)
+    assert model.arch == arch and model.widths == widths and model.embed_dim == 512
+    assert model.trunk.layer4[0].conv1.stride == (1, 1)            # basic block: stride in conv1
+    assert model.trunk.layer4[0].downsample[0].stride == (1, 1)
+    assert model.dee.branches[0].expand.out_channels == 256       # DEE on layer3's output
+    out = model.train()(visible=images(2, 1), infrared=images(2, 2))
+    assert out.pool.shape == (12, 512) and out.logits.shape == (12, 8)
+    pool, feat = model.eval()(infrared=images(3, 3))
+    assert pool.shape == feat.shape == (9, 512)
+    regdb = build_model('deen', 8, 'regdb', arch=arch)
+    assert regdb.embed_dim == 256 and regdb.trunk.layer4 is None
+    agw = build_model('agw', 8, 'sysu', arch=arch).eval()
+    assert agw(visible=images(2, 4))[0].shape == (2, 512)
+
+
+def test_unknown_arch_is_a_user_error():
+    with pytest.raises(UserError, match='--arch must be one of resnet18, resnet34, resnet50'):
+        build_model('deen', 8, 'llcm', arch='vgg16')
+
+
 # ----------------------------------------------------------------------------------------------
-# Pretrained ResNet-50 weights
+# Pretrained backbone weights
 
 def test_imagenet_offline_is_a_user_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
@@ -234,6 +257,21 @@ def test_local_pretrained_path(resnet_file, tmp_path):
     torch.save({'weight': torch.zeros(3)}, tmp_path / 'other.pth')
     with pytest.raises(UserError, match='not a torchvision resnet50 state dict'):
         build_model('deen', 4, 'regdb', pretrained=str(tmp_path / 'other.pth'))
+
+
+def test_pretrained_weights_of_the_chosen_arch(resnet_file, tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / 'resnet18.pth')
+    assert_resnet_loaded(build_model('deen', 4, 'llcm', pretrained=str(tmp_path / 'resnet18.pth'),
+                                     arch='resnet18'), state)
+    with pytest.raises(UserError, match='not a torchvision resnet18 state dict'):
+        build_model('deen', 4, 'llcm', pretrained=str(resnet_file[0]), arch='resnet18')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: (_ for _ in ()).throw(
+        urllib.error.URLError('offline')))
+    with pytest.raises(UserError, match='resnet18-f37072fd.pth'):
+        build_model('deen', 4, 'llcm', pretrained='imagenet', arch='resnet18')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def llcm_checkpoint(llcm_root, tmp_path_factory):
     return os.path.join(out, 'models', 'llcm_deen_last.pth')
 
 
-def test_checkpoint_of_another_dataset_method_or_class_count(llcm_checkpoint, llcm_root, sysu_root,
+def test_checkpoint_of_another_dataset_method_arch_or_class_count(llcm_checkpoint, llcm_root, sysu_root,
                                                             tmp_path, capsys):
     code = run_main(lambda: test_script.main(['--dataset', 'sysu', '--data-path', str(sysu_root),
                                               '--resume', llcm_checkpoint, '--device', 'cpu']))
@@ -222,6 +222,9 @@ def test_checkpoint_of_another_dataset_method_or_class_count(llcm_checkpoint, ll
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--method', 'agw', '--resume',
                                 llcm_checkpoint))
     assert_user_error(capsys, code, 'method')
+    code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet18', '--resume',
+                                llcm_checkpoint))
+    assert_user_error(capsys, code, "arch 'resnet50', but this run has arch 'resnet18'")
     state = load_checkpoint(llcm_checkpoint)
     state['num_classes'] += 5
     torch.save(state, tmp_path / 'other_classes.pth')

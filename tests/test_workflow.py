@@ -143,3 +143,37 @@ def test_demo_dataset_is_generated_in_the_llcm_layout_and_used(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'demo' / 'idx' / 'train_vis.txt').is_file()
     assert (tmp_path / 'models' / 'demo_deen_best.pth').is_file()
+
+
+def test_lighter_trunk_with_adam_trains_and_test_py_rebuilds_it(llcm_root, tmp_path, capsys):
+    assert train.main(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet18', '--optim',
+                                 'adam', '--lr', '1e-3', '--epochs', 1, '--max-steps', 2)) == 0
+    checkpoint = tmp_path / 'models' / 'llcm_deen_best.pth'
+    assert torch.load(checkpoint, weights_only=True)['arch'] == 'resnet18'
+    code = test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',
+                             str(checkpoint), '--device', 'cpu', '--workers', '0', '--trial', '0'])
+    assert code == 0 and 'llcm ir_to_vis' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('pretrained, body_scale', [('none', 1.0), ('imagenet', 0.1)])
+@pytest.mark.parametrize('optim, kind', [('sgd', torch.optim.SGD), ('adam', torch.optim.Adam)])
+def test_optimizer_trains_a_pretrained_trunk_at_a_tenth_of_the_head_rate(pretrained, body_scale,
+                                                                         optim, kind):
+    model = build_model('deen', 4, 'regdb', arch='resnet18')
+    optimizer = train.build_optimizer(model, 0.5, optim, pretrained=pretrained != 'none')
+    train.set_learning_rate(optimizer, 0.5)
+    body, head = optimizer.param_groups
+    assert isinstance(optimizer, kind)
+    assert body['lr'] == pytest.approx(0.5 * body_scale) and head['lr'] == 0.5
+    assert {id(p) for p in head['params']} == {id(model.bottleneck.weight), id(model.classifier.weight)}
+    assert len(body['params']) + 2 == sum(p.requires_grad for p in model.parameters())
+
+
+def test_demo_recipe_is_filled_in_and_flags_still_win():
+    args = train.parse_args(['--dataset', 'demo'])
+    assert (args.arch, args.optim, args.pretrained, args.eval_every) == ('resnet18', 'adam', 'none', 3)
+    assert args.erasing is None and args.grayscale == 0.0
+    args = train.parse_args(['--dataset', 'demo', '--arch', 'resnet50', '--eval-every', '1'])
+    assert (args.arch, args.eval_every) == ('resnet50', 1)
+    args = train.parse_args(['--dataset', 'llcm'])
+    assert (args.arch, args.optim, args.lr, args.eval_every) == ('resnet50', 'sgd', 0.1, 1)
