@@ -10,10 +10,6 @@ import numpy as np
 from utils import UserError
 
 MODALITIES = ('visible', 'infrared')
-DIRECTIONS = {'sysu': ('ir_to_vis',), 'regdb': ('vis_to_ir', 'ir_to_vis'),
-              'llcm': ('ir_to_vis', 'vis_to_ir', 'released_vis_to_ir')}
-# the trials reported: gallery seeds (SYSU-MM01, LLCM) and split numbers (RegDB)
-TEST_TRIALS = {'sysu': range(10), 'llcm': range(10), 'regdb': range(1, 11)}
 SEARCH_MODES = ('all', 'indoor')
 MULTI_SHOT_IMAGES = 10  # gallery images per id and camera in multi-shot mode
 
@@ -33,6 +29,8 @@ class DatasetFacts:
     title: str
     layout: str                  # the expected folder, as a phrase for error messages
     cameras: dict                # modality -> camera numbers of its camN folders, in gallery order
+    directions: tuple            # the test directions (DIRECTION_PLANS keys) of its protocol
+    test_trials: range           # the trials reported: gallery seeds, or split numbers (RegDB)
     image_folders: dict = None   # modality -> folder under the root holding camN/PPPP/ test images
     indoor_cameras: tuple = ()   # visible cameras of the indoor search
     test_id_file: str = None     # one comma-separated line of test ids
@@ -54,6 +52,7 @@ DATASET_FACTS = {
         title='SYSU-MM01',
         layout='cam1..cam6/PPPP/*.jpg and exp/{train,val,test}_id.txt',
         cameras={'visible': (1, 2, 4, 5), 'infrared': (3, 6)},
+        directions=('ir_to_vis',), test_trials=range(10),
         image_folders={'visible': '', 'infrared': ''},
         indoor_cameras=(1, 2),
         test_id_file='exp/test_id.txt',
@@ -64,6 +63,7 @@ DATASET_FACTS = {
         layout='idx/{train_vis,train_nir}.txt, idx/test_id.txt, test_vis/cam1..cam9/PPPP/ and '
                'test_nir/camN/PPPP/',
         cameras={'visible': (1, 2, 3, 4, 5, 6, 7, 8, 9), 'infrared': (1, 2, 4, 5, 6, 7, 8, 9)},
+        directions=('ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'), test_trials=range(10),
         image_folders={'visible': 'test_vis', 'infrared': 'test_nir'},
         test_id_file='idx/test_id.txt',
         train_index={'visible': 'idx/train_vis.txt', 'infrared': 'idx/train_nir.txt'},
@@ -72,6 +72,7 @@ DATASET_FACTS = {
         title='RegDB',
         layout='Visible/, Thermal/ and idx/{train,test}_{visible,thermal}_{1..10}.txt',
         cameras={'visible': (1,), 'infrared': (2,)},
+        directions=('vis_to_ir', 'ir_to_vis'), test_trials=range(1, 11),
         train_index={'visible': 'idx/train_visible_{trial}.txt',
                      'infrared': 'idx/train_thermal_{trial}.txt'},
         test_index={'visible': 'idx/test_visible_{trial}.txt',
@@ -79,6 +80,9 @@ DATASET_FACTS = {
         trials=range(1, 11), camera_folders=False),
 }
 DATASET_ALIASES = {'demo': 'llcm'}  # the demo data uses LLCM's layout and rules
+DATASETS = (*DATASET_FACTS, *DATASET_ALIASES)  # the --dataset choices of train.py and test.py
+DEFAULT_DATA_PATHS = {'sysu': 'data/SYSU-MM01', 'regdb': 'data/RegDB', 'llcm': 'data/LLCM',
+                      'demo': 'data/demo'}
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def layout_of(dataset):
     """The dataset whose layout and rules `dataset` uses ('demo' -> 'llcm')."""
     name = DATASET_ALIASES.get(dataset, dataset)
     if name not in DATASET_FACTS:
-        known = ', '.join(sorted([*DATASET_FACTS, *DATASET_ALIASES]))
+        known = ', '.join(sorted(DATASETS))
         raise UserError(f'unknown dataset {dataset!r}; expected one of {known}.')
     return name
 
@@ -112,11 +116,10 @@ def dataset_facts(dataset):
 def query_gallery(dataset, direction, data_path, trial, mode='all', multi_shot=False):
     """(query, gallery) ImageLists of one test trial: the gallery seed (SYSU-MM01, LLCM) or the
     split number (RegDB). mode ('all' | 'indoor') is SYSU-MM01's search mode."""
-    name = layout_of(dataset)
-    facts = DATASET_FACTS[name]
-    if direction not in DIRECTIONS[name]:
+    facts = dataset_facts(dataset)
+    if direction not in facts.directions:
         raise UserError(f'unknown direction {direction!r} for {facts.title}; expected one of '
-                        f'{", ".join(DIRECTIONS[name])}.')
+                        f'{", ".join(facts.directions)}.')
     if multi_shot and not facts.random_gallery:
         raise UserError(f'multi-shot galleries exist for SYSU-MM01 and LLCM, not {facts.title}.')
     visible_cameras = _search_cameras(facts, mode)

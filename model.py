@@ -291,10 +291,9 @@ class TwoStreamNet(nn.Module):
         self.visible_stem = ModalityStem(resnet)
         self.infrared_stem = ModalityStem(resnet)
         self.trunk = ResNetTrunk(resnet, with_layer4)
-        embed_dim = self.widths[3] if with_layer4 else self.widths[2]
-        self.embed_dim = embed_dim
-        self.bottleneck = make_bnneck(embed_dim)
-        self.classifier = make_classifier(embed_dim, num_classes)
+        self.embed_dim = self.widths[3] if with_layer4 else self.widths[2]
+        self.bottleneck = make_bnneck(self.embed_dim)
+        self.classifier = make_classifier(self.embed_dim, num_classes)
 
     def stems(self, visible, infrared):
         """[Nv, 3, H, W], [Ni, 3, H, W] (either may be None) -> [Nv + Ni, 64, H/4, W/4]."""
@@ -332,7 +331,8 @@ class DEEN(TwoStreamNet):
     def __init__(self, num_classes, regdb=False, arch='resnet50'):
         super().__init__(num_classes, arch, with_layer4=not regdb)
         self.regdb = regdb
-        stem, width1, width2, width3, _ = (self.visible_stem.conv1.out_channels, *self.widths)
+        stem = self.visible_stem.conv1.out_channels
+        width1, width2, width3, _ = self.widths
         self.mfa1 = MFABlock(width1, stem, downsample=False)
         self.mfa2 = MFABlock(width2, width1, downsample=True)
         self.mfa3 = None if regdb else MFABlock(width3, width2, downsample=True)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from data_loader import TestImageSet
-from data_manager import DIRECTIONS, TEST_TRIALS, query_gallery
+from data_manager import DATASETS, DEFAULT_DATA_PATHS, dataset_facts, layout_of, query_gallery
 from eval_metrics import evaluate
 from model import build_model, load_model_weights
 from utils import DistContext, UserError, init_distributed, load_checkpoint, run_main
@@ -163,7 +163,7 @@ def fused_distance(query_features, gallery_features, weights):
 def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False):
     """[(setting name, trial, query, gallery)] for every direction (and SYSU mode) and trial."""
     splits = []
-    for direction in DIRECTIONS[layout]:
+    for direction in dataset_facts(layout).directions:
         for mode in (modes if layout == 'sysu' else ('all',)):
             name = f'{mode} {direction}' if layout == 'sysu' else direction
             for trial in trials:
@@ -229,7 +229,7 @@ def load_trained_model(path, dataset, device):
     Returns (model, info) with info holding method, image size and training dataset."""
     state = load_checkpoint(path)
     if state.get('format') == 'deen-vireid':
-        if state['dataset'] != dataset and {state['dataset'], dataset} != {'llcm', 'demo'}:
+        if layout_of(state['dataset']) != layout_of(dataset):
             raise UserError(f'checkpoint {path} was trained on {state["dataset"]}; test it with '
                             f'--dataset {state["dataset"]}.')
         info = {'method': state['method'], 'arch': state.get('arch', 'resnet50'),
@@ -260,7 +260,7 @@ def checkpoint_for_trial(resume, trial):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--dataset', default='llcm', choices=('sysu', 'regdb', 'llcm', 'demo'))
+    parser.add_argument('--dataset', default='llcm', choices=DATASETS)
     parser.add_argument('--data-path', help='dataset root (default: data/<name>)')
     parser.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} '
                         'in the path to use each split\'s own model')
@@ -276,14 +276,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.test_batch = args.test_batch or 64
     args.workers = default_workers() if args.workers is None else args.workers
-    if args.data_path is None:
-        from train import DEFAULT_DATA_PATHS
-        args.data_path = DEFAULT_DATA_PATHS[args.dataset]
+    args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     return args
 
 
 def parse_trials(args, layout):
-    allowed = list(TEST_TRIALS[layout])
+    allowed = list(dataset_facts(layout).test_trials)
     if args.trial == 'all':
         return allowed
     if not args.trial.lstrip('-').isdigit() or int(args.trial) not in allowed:
@@ -294,7 +292,7 @@ def parse_trials(args, layout):
 
 def run_tests(args, device, ctx):
     """Evaluate every setting; returns {setting: {fusion: summary}} and prints the tables."""
-    layout = 'llcm' if args.dataset == 'demo' else args.dataset
+    layout = layout_of(args.dataset)
     trials = parse_trials(args, layout)
     modes = ('all', 'indoor') if args.mode == 'both' else (args.mode,)
     if layout == 'regdb' and len(trials) > 1 and '{trial}' not in args.resume:

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
-from data_manager import MODALITIES, train_image_lists
+from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import BACKBONES, build_model, load_model_weights, uses_pretrained
 from test import (add_runtime_args, autocast_context, default_workers, selection_rank1,
@@ -24,9 +24,6 @@ from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_
                    seed_everything, set_rng_state, setup_logger)
 
 CHECKPOINT_FORMAT = 'deen-vireid'
-DATASETS = ('sysu', 'regdb', 'llcm', 'demo')
-DEFAULT_DATA_PATHS = {'sysu': 'data/SYSU-MM01', 'regdb': 'data/RegDB', 'llcm': 'data/LLCM',
-                      'demo': 'data/demo'}
 
 # The released recipes (METHOD.md); flags left unset take these values.
 METHOD_DEFAULTS = {
@@ -182,7 +179,7 @@ class Trainer:
     def __init__(self, args, trial, ctx, device, logger):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
-        self.layout = 'llcm' if args.dataset == 'demo' else args.dataset
+        self.layout = layout_of(args.dataset)
         self.last_path = os.path.join(args.model_path, self.name + '_last.pth')
         self.best_path = os.path.join(args.model_path, self.name + '_best.pth')
         self.loader, self.sampler, num_classes = self._build_data()

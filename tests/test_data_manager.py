@@ -384,7 +384,7 @@ def test_missing_data_root_names_the_path_and_layout(tmp_path):
     for dataset, layout in (('sysu', 'cam1..cam6'), ('llcm', 'test_vis'), ('regdb', 'Visible/')):
         expected = re.escape(f'data root {missing} does not exist') + '.*' + re.escape(layout)
         with pytest.raises(UserError, match=expected):
-            query_gallery(dataset, data_manager.DIRECTIONS[dataset][0], missing, 1)
+            query_gallery(dataset, data_manager.dataset_facts(dataset).directions[0], missing, 1)
         with pytest.raises(UserError, match=re.escape(f'data root {missing} does not exist')):
             train_image_lists(dataset, missing)
 

@@ -596,7 +596,7 @@ def regdb_splits(rng, ids):
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo and a contact sheet
+# The demo
 
 def make_demo_dataset(root):
     """The demo dataset under `root`: make_llcm(**DEMO_CONFIG), written once. The marker file
@@ -612,17 +612,3 @@ def make_demo_dataset(root):
     summary = make_llcm(root, **DEMO_CONFIG)
     marker.write_text(f"{DEMO_CONFIG}\nimages: {summary['counts']}\n")
     return root
-
-
-def contact_sheet(pids, cameras=(1, 2, 4, 7), size=(64, 128), seed=0, render=None):
-    """A PIL image for looking at the data: one row per id, its visible images from `cameras`,
-    then its infrared images from the same cameras."""
-    render, (w, h) = render or render_person, size
-    columns = list(itertools.product(('visible', 'infrared'), cameras))
-    sheet = Image.new('RGB', (w * len(columns) + 8, h * len(pids)), (255, 255, 255))
-    for row, pid in enumerate(pids):
-        for col, (modality, camera) in enumerate(columns):
-            image = render(pid, camera, modality, 0, image_rng(seed, pid, camera, modality, 0),
-                           size)
-            sheet.paste(image, (col * w + (8 if modality != 'visible' else 0), row * h))
-    return sheet
