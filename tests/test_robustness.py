@@ -222,9 +222,9 @@ def test_checkpoint_of_another_dataset_method_arch_or_class_count(llcm_checkpoin
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--method', 'agw', '--resume',
                                 llcm_checkpoint))
     assert_user_error(capsys, code, 'method')
-    code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet18', '--resume',
+    code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet50', '--resume',
                                 llcm_checkpoint))
-    assert_user_error(capsys, code, "arch 'resnet50', but this run has arch 'resnet18'")
+    assert_user_error(capsys, code, "arch 'resnet18', but this run has arch 'resnet50'")
     state = load_checkpoint(llcm_checkpoint)
     state['num_classes'] += 5
     torch.save(state, tmp_path / 'other_classes.pth')

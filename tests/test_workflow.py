@@ -18,9 +18,10 @@ from tiny_runs import epoch_losses, run_script, train_argv
 
 @pytest.fixture(scope='module')
 def llcm_run(llcm_root, tmp_path_factory):
-    """Three tiny LLCM epochs, evaluated after each."""
+    """Three tiny LLCM epochs of the released ResNet-50 DEEN, evaluated after each."""
     out = str(tmp_path_factory.mktemp('llcm_run'))
-    argv = train_argv('llcm', llcm_root, out, '--epochs', 3, '--lr', 0.2, '--warmup', 1)
+    argv = train_argv('llcm', llcm_root, out, '--arch', 'resnet50', '--epochs', 3, '--lr', 0.2,
+                      '--warmup', 1)
     assert train.main(argv) == 0
     return out
 
