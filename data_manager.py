@@ -12,6 +12,7 @@ from utils import UserError
 MODALITIES = ('visible', 'infrared')
 SEARCH_MODES = ('all', 'indoor')
 MULTI_SHOT_IMAGES = 10  # gallery images per id and camera in multi-shot mode
+GALLERY_TRIALS = 10  # random gallery draws reported for SYSU-MM01 and LLCM
 
 # What each direction ranks: (query modality, how it is drawn), (gallery modality, how it is
 # drawn); 'every' = all test images, 'sampled' = the random gallery of the trial (DATASETS.md).
@@ -30,7 +31,6 @@ class DatasetFacts:
     layout: str                  # the expected folder, as a phrase for error messages
     cameras: dict                # modality -> camera numbers of its camN folders, in gallery order
     directions: tuple            # the test directions (DIRECTION_PLANS keys) of its protocol
-    test_trials: range           # the trials reported: gallery seeds, or split numbers (RegDB)
     image_folders: dict = None   # modality -> folder under the root holding camN/PPPP/ test images
     indoor_cameras: tuple = ()   # visible cameras of the indoor search
     test_id_file: str = None     # one comma-separated line of test ids
@@ -46,13 +46,18 @@ class DatasetFacts:
     def random_gallery(self):
         return self.test_index is None
 
+    @property
+    def test_trials(self):
+        """The trials reported: the split numbers (RegDB), else the gallery seeds 0..9."""
+        return self.trials if self.trials is not None else range(GALLERY_TRIALS)
+
 
 DATASET_FACTS = {
     'sysu': DatasetFacts(
         title='SYSU-MM01',
         layout='cam1..cam6/PPPP/*.jpg and exp/{train,val,test}_id.txt',
         cameras={'visible': (1, 2, 4, 5), 'infrared': (3, 6)},
-        directions=('ir_to_vis',), test_trials=range(10),
+        directions=('ir_to_vis',),
         image_folders={'visible': '', 'infrared': ''},
         indoor_cameras=(1, 2),
         test_id_file='exp/test_id.txt',
@@ -63,7 +68,7 @@ DATASET_FACTS = {
         layout='idx/{train_vis,train_nir}.txt, idx/test_id.txt, test_vis/cam1..cam9/PPPP/ and '
                'test_nir/camN/PPPP/',
         cameras={'visible': (1, 2, 3, 4, 5, 6, 7, 8, 9), 'infrared': (1, 2, 4, 5, 6, 7, 8, 9)},
-        directions=('ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'), test_trials=range(10),
+        directions=('ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'),
         image_folders={'visible': 'test_vis', 'infrared': 'test_nir'},
         test_id_file='idx/test_id.txt',
         train_index={'visible': 'idx/train_vis.txt', 'infrared': 'idx/train_nir.txt'},
@@ -72,7 +77,7 @@ DATASET_FACTS = {
         title='RegDB',
         layout='Visible/, Thermal/ and idx/{train,test}_{visible,thermal}_{1..10}.txt',
         cameras={'visible': (1,), 'infrared': (2,)},
-        directions=('vis_to_ir', 'ir_to_vis'), test_trials=range(1, 11),
+        directions=('vis_to_ir', 'ir_to_vis'),
         train_index={'visible': 'idx/train_visible_{trial}.txt',
                      'infrared': 'idx/train_thermal_{trial}.txt'},
         test_index={'visible': 'idx/test_visible_{trial}.txt',

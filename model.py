@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.resnet import Bottleneck
 
 from loss import orthogonal_loss
 from utils import UserError
@@ -58,7 +59,7 @@ def last_stride_one(layer):
     """The first block of a ResNet stage at stride 1: its strided 3x3 conv (conv2 of a
     bottleneck, conv1 of a basic block) and its downsample."""
     block = layer[0]
-    strided = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+    strided = block.conv2 if isinstance(block, Bottleneck) else block.conv1
     strided.stride = (1, 1)
     block.downsample[0].stride = (1, 1)
     return layer
@@ -78,8 +79,9 @@ def make_resnet(arch):
 def stage_widths(resnet):
     """Output channels of layer1..layer4: (256, 512, 1024, 2048) for ResNet-50, (64, 128, 256, 512)
     for ResNet-18/34."""
-    return tuple(layer[-1].bn3.num_features if hasattr(layer[-1], 'bn3') else layer[-1].bn2.num_features
-                 for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4))
+    last_blocks = (stage[-1] for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4))
+    return tuple((block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features
+                 for block in last_blocks)
 
 
 def zero_init_projection(in_channels, out_channels, stride=1):

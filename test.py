@@ -47,6 +47,12 @@ def default_workers():
     return min(4, cores or 1)
 
 
+def fill_runtime_defaults(args):
+    """Unset --workers and --test-batch of train.py and test.py take their defaults."""
+    args.workers = default_workers() if args.workers is None else args.workers
+    args.test_batch = args.test_batch or 64
+
+
 def resolve_device(args):
     """--device wins, then --gpu, then CUDA if available, else CPU; a missing GPU is an error."""
     name = args.device or (f'cuda:{args.gpu}' if args.gpu is not None else None)
@@ -274,8 +280,7 @@ def parse_args(argv=None):
     parser.add_argument('--output', help='JSON results file (default: next to the checkpoint)')
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    args.test_batch = args.test_batch or 64
-    args.workers = default_workers() if args.workers is None else args.workers
+    fill_runtime_defaults(args)
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     return args
 

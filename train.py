@@ -17,7 +17,7 @@ from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import BACKBONES, build_model, load_model_weights, uses_pretrained
-from test import (add_runtime_args, autocast_context, default_workers, selection_rank1,
+from test import (add_runtime_args, autocast_context, fill_runtime_defaults, selection_rank1,
                   setup_runtime)
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_seed,
                    load_checkpoint, rng_state, run_main, save_checkpoint,
@@ -25,7 +25,9 @@ from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_
 
 CHECKPOINT_FORMAT = 'deen-vireid'
 
-# The released recipes (METHOD.md); flags left unset take these values.
+# Flags left unset take these values, then the method's released recipe (METHOD.md), then the
+# dataset's overrides.
+RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet')
 METHOD_DEFAULTS = {
     'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
                  lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
@@ -98,19 +100,14 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
-    recipe = dict(METHOD_DEFAULTS[args.method])
+    recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
     recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.arch = args.arch or 'resnet50'
-    args.optim = args.optim or 'sgd'
-    args.eval_every = 1 if args.eval_every is None else args.eval_every
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     args.cache_dir = args.cache_dir or args.data_path
-    args.pretrained = args.pretrained or 'imagenet'
-    args.workers = default_workers() if args.workers is None else args.workers
-    args.test_batch = args.test_batch or 64
+    fill_runtime_defaults(args)
     if args.trial != 'all' and not (args.trial.isdigit() and 1 <= int(args.trial) <= 10):
         raise UserError(f'--trial must be a RegDB split 1..10 or "all", got {args.trial!r}.')
     for name in ('batch_size', 'num_pos', 'epochs', 'img_h', 'img_w', 'test_batch'):

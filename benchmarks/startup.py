@@ -9,6 +9,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from data_manager import train_image_lists  # noqa: E402
 from tools.synthetic_data import make_llcm  # noqa: E402
 
 
@@ -40,9 +41,7 @@ def main():
             summary = make_llcm(data_path, num_train_ids=args.train_ids, num_test_ids=10,
                                 images_per_camera=args.images_per_camera, size=(64, 128), seed=1)
             print(f'generated {summary["counts"]} in {time.perf_counter() - start:.1f} s')
-        with open(os.path.join(data_path, 'idx', 'train_vis.txt')) as vis, \
-                open(os.path.join(data_path, 'idx', 'train_nir.txt')) as nir:
-            count = sum(1 for _ in vis) + sum(1 for _ in nir)
+        count = sum(len(images) for images in train_image_lists('llcm', data_path).values())
         cold, cold_decoded = time_first_step(data_path, scratch, args.workers)
         warm, warm_decoded = time_first_step(data_path, scratch, args.workers)
         print(f'{count} training images, 128x64, {args.workers} cache workers')
