@@ -545,13 +545,29 @@ def is_released_format(state_dict):
     return any(key.startswith(RELEASED_PREFIXES) for key in strip_prefixes(state_dict))
 
 
+def converted_state_dict(state_dict):
+    """A state dict, ours or released (detected from the keys, 'module.' prefix tolerated), in
+    our key layout."""
+    state_dict = strip_prefixes(state_dict)
+    return convert_released_state_dict(state_dict) if is_released_format(state_dict) else state_dict
+
+
+def method_of_state_dict(state_dict):
+    """'deen' or 'agw', told from the keys of a state dict, ours or released: DEEN has MFA and
+    DEE modules, AGW non-local blocks."""
+    keys = converted_state_dict(state_dict)
+    if any(key.startswith(('mfa1.', 'dee.')) for key in keys):
+        return 'deen'
+    if any(key.startswith(('layer2_non_local.', 'layer3_non_local.')) for key in keys):
+        return 'agw'
+    raise UserError('the weights are neither DEEN (no mfa/dee keys) nor AGW (no non-local keys).')
+
+
 def load_model_weights(model, state_dict):
     """Load trained weights, ours or released (detected from the keys, 'module.' prefix tolerated),
     strictly: every key must exist with the same shape (only BatchNorm's num_batches_tracked, which
     old checkpoints lack, may be missing). Otherwise one-sentence UserError."""
-    state_dict = strip_prefixes(state_dict)
-    if is_released_format(state_dict):
-        state_dict = convert_released_state_dict(state_dict)
+    state_dict = converted_state_dict(state_dict)
     expected = model.state_dict()
     problem = weights_mismatch(expected, state_dict)
     if problem:
@@ -572,5 +588,5 @@ def weights_mismatch(expected, given):
     parts = [f'{label} {len(keys)} keys (e.g. {", ".join(keys[:3])})'
              for label, keys in (('it lacks', missing), ('it has unexpected', unexpected),
                                  ('shapes differ for', reshaped)) if keys]
-    return '; '.join(parts) + ' (was it trained with another --method or --dataset?)' if parts else ''
+    return '; '.join(parts) + ' (was it trained with another method, trunk or dataset?)' if parts else ''
 

@@ -17,13 +17,12 @@ from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import BACKBONES, build_model, load_model_weights, uses_pretrained
-from test import (add_runtime_args, autocast_context, fill_runtime_defaults, selection_rank1,
-                  setup_runtime)
-from utils import (AverageMeter, IdentitySampler, UserError, __version__, epoch_seed,
-                   load_checkpoint, rng_state, run_main, save_checkpoint,
-                   seed_everything, set_rng_state, setup_logger)
-
-CHECKPOINT_FORMAT = 'deen-vireid'
+from evaluation import selection_rank1
+from inference import CHECKPOINT_FORMAT
+from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
+                   autocast_context, epoch_seed, fill_runtime_defaults, load_checkpoint, rng_state,
+                   run_main, save_checkpoint, seed_everything, set_rng_state, setup_logger,
+                   setup_runtime)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.

@@ -1,5 +1,7 @@
 """Shared helpers: user-facing errors, seeding, the identity-balanced cross-modal sampler,
-meters, logging, distributed context and checkpoint I/O (atomic, weights-only)."""
+meters, logging, the run-time setup (device, distributed context, autocast, runtime flags) and
+checkpoint I/O (atomic, weights-only)."""
+import contextlib
 import glob
 import logging
 import os
@@ -218,6 +220,72 @@ def init_distributed(device_type):
 
 
 # ----------------------------------------------------------------------------------------------
+# Runtime shared by the scripts: device, precision and input-pipeline flags, device choice,
+# distributed context, autocast
+
+def add_runtime_args(parser):
+    """Device, precision and input-pipeline flags common to train.py and test.py."""
+    parser.add_argument('--gpu', type=int, help='CUDA device index (same as --device cuda:N)')
+    parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
+    parser.add_argument('--workers', type=int, help='data-loading processes (default: 4, fewer on machines '
+                        'with fewer cores)')
+    parser.add_argument('--test-batch', type=int, help='test images per forward pass (default 64)')
+    parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
+                        help='mixed precision (autocast; fp16 adds a gradient scaler)')
+    parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms (bit-reproducible on CPU, cuDNN-deterministic on GPU)')
+
+
+def default_workers():
+    """Data-loading processes when --workers is unset: 4, or as many as the cores this process
+    may use when there are fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return min(4, cores or 1)
+
+
+def fill_runtime_defaults(args):
+    """Unset --workers and --test-batch of train.py and test.py take their defaults."""
+    args.workers = default_workers() if args.workers is None else args.workers
+    args.test_batch = args.test_batch or 64
+
+
+def resolve_device(args):
+    """--device wins, then --gpu, then CUDA if available, else CPU; a missing GPU is an error."""
+    name = args.device or (f'cuda:{args.gpu}' if args.gpu is not None else None)
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device must be cpu, cuda or cuda:N, got {name!r}.') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'{name} was requested but PyTorch sees no CUDA GPU; use --device cpu.')
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f'{name} was requested but only {torch.cuda.device_count()} GPU(s) exist.')
+    return device
+
+
+def setup_runtime(args):
+    """(device, distributed context): under torchrun each process takes the GPU of its local rank."""
+    device = resolve_device(args)
+    ctx = init_distributed(device.type)
+    if ctx.enabled and device.type == 'cuda':
+        device = torch.device('cuda', ctx.local_rank)
+        torch.cuda.set_device(device)
+    return device, ctx
+
+
+def autocast_context(device, amp):
+    """torch.autocast for --amp bf16|fp16, a no-op for off."""
+    if amp == 'off':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 def save_checkpoint(state, path):
@@ -255,19 +323,20 @@ def _numpy_globals():
     return allowed
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, what='checkpoint'):
     """Load a checkpoint with torch.load(weights_only=True): tensors, numbers, strings, lists,
-    dicts and numpy arrays only. A file that would need arbitrary unpickling is refused."""
+    dicts and numpy arrays only. A file that would need arbitrary unpickling is refused. `what`
+    names the file in messages."""
     if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist.')
+        raise UserError(f'{what} {path} does not exist.')
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r'GLOBAL (\S+)', str(error))
         what = f'it asks for {found.group(1)}' if found else 'it is not a weights-only file'
-        raise UserError(f'checkpoint {path} needs arbitrary code to unpickle and was refused '
+        raise UserError(f'{what} {path} needs arbitrary code to unpickle and was refused '
                         f'({what}; only tensors, numbers, strings, lists and dicts are loaded).') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise UserError(f'checkpoint {path} is not a readable PyTorch file '
+        raise UserError(f'{what} {path} is not a readable PyTorch file '
                         f'(truncated or corrupt?): {str(error).splitlines()[0][:200]}') from None

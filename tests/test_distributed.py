@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import evaluation
+import inference
 import test as test_script
 import train
 from tiny_runs import REPO, epoch_losses, train_argv
@@ -71,10 +73,10 @@ def test_only_rank_zero_writes_files_and_the_result_tests(ddp_run, llcm_root, ca
 def test_sharded_extraction_during_training_matches_one_process(ddp_run, llcm_root):
     out, _ = ddp_run
     state = load_checkpoint(str(out / 'models' / 'llcm_deen_last.pth'))
-    model, _ = test_script.load_trained_model(str(out / 'models' / 'llcm_deen_last.pth'), 'llcm',
+    model, _ = inference.load_trained_model(str(out / 'models' / 'llcm_deen_last.pth'), 'llcm',
                                               torch.device('cpu'))
     args = train.parse_args(train_argv('llcm', llcm_root, str(out)))
-    single = test_script.selection_rank1(model, 'llcm', str(llcm_root), 1, 'all', args,
+    single = evaluation.selection_rank1(model, 'llcm', str(llcm_root), 1, 'all', args,
                                          torch.device('cpu'))
     assert single['mAP'] == pytest.approx(state['metrics']['mAP'], abs=1e-5)
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data_loader
+import evaluation
 import test as test_script
 import train
 from tiny_runs import REPO, epoch_losses, run_script, train_argv
@@ -195,7 +196,7 @@ def test_trial_outside_one_to_ten(regdb_root, tmp_path, capsys):
 
 def test_empty_query(llcm_copy, tmp_path, capsys):
     (llcm_copy / 'idx' / 'test_id.txt').write_text('9999\n')
-    code = run_main(lambda: test_script.protocol_splits('llcm', str(llcm_copy), [0]))
+    code = run_main(lambda: evaluation.protocol_splits('llcm', str(llcm_copy), [0]))
     assert_user_error(capsys, code)
 
 

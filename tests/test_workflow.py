@@ -9,6 +9,8 @@ import torch
 
 import data_loader
 import pre_process_sysu
+import evaluation
+import inference
 import test as test_script
 import train
 from data_manager import train_image_lists
@@ -58,14 +60,14 @@ def test_test_script_prints_every_llcm_direction_and_writes_json(llcm_run, llcm_
 
 def test_test_script_decodes_each_image_once_for_all_trials(llcm_run, llcm_root):
     checkpoint = os.path.join(llcm_run, 'models', 'llcm_deen_best.pth')
-    model, info = test_script.load_trained_model(checkpoint, 'llcm', torch.device('cpu'))
+    model, info = inference.load_trained_model(checkpoint, 'llcm', torch.device('cpu'))
     args = test_script.parse_args(['--dataset', 'llcm', '--resume', checkpoint, '--workers', '0'])
     args.img_h, args.img_w = info['img_h'], info['img_w']
-    splits = test_script.protocol_splits('llcm', str(llcm_root), range(10))
-    _, store = test_script.evaluate_splits(model, 'llcm', splits, args, torch.device('cpu'))
+    splits = evaluation.protocol_splits('llcm', str(llcm_root), range(10))
+    _, store = evaluation.evaluate_splits(model, 'llcm', splits, args, torch.device('cpu'))
     distinct = {p for _, _, q, g in splits for lst in (q, g) for p in lst.paths}
     assert store.images == len(distinct)
-    assert test_script.separate_extraction_cost(splits) > len(distinct)
+    assert evaluation.separate_extraction_cost(splits) > len(distinct)
 
 
 def test_cache_is_built_once_and_reused_without_decoding(llcm_root, tmp_path, monkeypatch):
