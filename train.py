@@ -306,7 +306,9 @@ class Trainer:
             self._seed_epoch(epoch, start_step)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
+            started = time.time()
             losses = self._train_epoch(epoch, start_step, lr, stop)
+            train_seconds = time.time() - started
             metrics = self._evaluate(epoch)
             state = self._state(epoch, 0, metrics)
             if metrics and metrics['rank1'] > self.best_rank1:
@@ -314,7 +316,7 @@ class Trainer:
                 state.update(best_rank1=self.best_rank1, best_epoch=epoch)
                 self._save(self.best_path, state)
             self._save(self.last_path, state)
-            self._report(epoch, lr, losses, metrics)
+            self._report(epoch, lr, losses, metrics, train_seconds)
         if self.best_epoch < 0:  # never evaluated: the final weights are the selection
             self._save(self.best_path, self._state(args.epochs - 1, 0))
         return self.best_rank1
@@ -386,7 +388,12 @@ class Trainer:
         metrics['seconds'] = time.time() - start
         return metrics
 
-    def _report(self, epoch, lr, losses, metrics):
+    def _report(self, epoch, lr, losses, metrics, train_seconds):
+        """The epoch's line in the log, its record in the history file, TensorBoard scalars."""
+        if self.ctx.is_main:
+            append_history(history_path(self.args.log_path, self.name),
+                           {'epoch': epoch, 'lr': lr, 'losses': losses, 'metrics': metrics,
+                            'train_seconds': train_seconds, 'time': time.time()})
         text = ' '.join(f'{name} {value:.4f}' for name, value in losses.items())
         line = f'{self.name} epoch {epoch} lr {lr:.4g} {text}'
         if metrics:
@@ -406,6 +413,19 @@ class Trainer:
 def plain_args(args):
     """The arguments as JSON-able, weights-only-loadable values."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def history_path(log_path, name):
+    """The run's per-epoch history: one JSON object per line with epoch, lr, losses ({term:
+    mean}), metrics (the selection metrics with 'seconds', or null when not evaluated),
+    train_seconds and time. A resumed run appends; the last line of an epoch wins."""
+    return os.path.join(log_path, name + '_history.jsonl')
+
+
+def append_history(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a') as handle:
+        handle.write(json.dumps(record) + '\n')
 
 
 def save_args(args, name):

@@ -36,6 +36,12 @@ def test_training_writes_checkpoints_log_args_and_the_loss_decreases(llcm_run):
     losses = epoch_losses(os.path.join(logs, 'llcm_deen.log'))
     assert sorted(losses) == [0, 1, 2]
     assert losses[2] < losses[0]
+    with open(os.path.join(logs, 'llcm_deen_history.jsonl')) as handle:
+        history = [json.loads(line) for line in handle]
+    assert [record['epoch'] for record in history] == [0, 1, 2]
+    assert [record['losses']['loss'] for record in history] == pytest.approx(
+        [losses[e] for e in range(3)], abs=1e-4)
+    assert all(0 <= record['metrics']['rank1'] <= 1 and record['lr'] > 0 for record in history)
     last = torch.load(os.path.join(llcm_run, 'models', 'llcm_deen_last.pth'), weights_only=True)
     assert last['epoch'] == 2 and last['step'] == 0 and last['method'] == 'deen'
     assert 0.0 <= last['best_rank1'] <= 1.0
