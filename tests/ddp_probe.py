@@ -6,7 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import training  # noqa: E402
 
 
 def weights_hash(model):
@@ -18,7 +18,7 @@ def weights_hash(model):
 
 def instrument(records):
     """Wrap Trainer so that each step appends its identities and the resulting weights' hash."""
-    original_init = train.Trainer.__init__
+    original_init = training.Trainer.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -37,13 +37,13 @@ def instrument(records):
 
         self.optimizer.step, self.criterion = recorded_step, recorded_criterion
 
-    train.Trainer.__init__ = init
+    training.Trainer.__init__ = init
 
 
 def main():
     records = {'weights': [], 'ids': [], 'plan': []}
     instrument(records)
-    code = train.main(sys.argv[1:])
+    code = training.main(sys.argv[1:])
     with open(os.path.join(os.environ['PROBE_OUT'], f'probe_rank{os.environ["RANK"]}.json'), 'w') as f:
         json.dump(records, f)
     return code

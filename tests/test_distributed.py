@@ -12,7 +12,7 @@ import torch
 import evaluation
 import inference
 import test as test_script
-import train
+import training
 from tiny_runs import REPO, epoch_losses, train_argv
 from utils import load_checkpoint
 
@@ -60,7 +60,7 @@ def test_only_rank_zero_writes_files_and_the_result_tests(ddp_run, llcm_root, ca
                      for folder, _, names in os.walk(out) for name in names
                      if not name.startswith('probe_rank') and 'tensorboard' not in folder
                      and 'cache' not in folder)
-    assert written == ['logs/llcm_deen.log', 'logs/llcm_deen_args.json',
+    assert written == ['logs/llcm_deen.log', 'logs/llcm_deen_args.json', 'logs/llcm_deen_history.jsonl',
                        'models/llcm_deen_best.pth', 'models/llcm_deen_last.pth']
     log = (out / 'logs' / 'llcm_deen.log').read_text()
     assert log.count('llcm_deen epoch 1 ') == 1 and 'x2' in log
@@ -75,7 +75,7 @@ def test_sharded_extraction_during_training_matches_one_process(ddp_run, llcm_ro
     state = load_checkpoint(str(out / 'models' / 'llcm_deen_last.pth'))
     model, _ = inference.load_trained_model(str(out / 'models' / 'llcm_deen_last.pth'), 'llcm',
                                               torch.device('cpu'))
-    args = train.parse_args(train_argv('llcm', llcm_root, str(out)))
+    args = training.parse_args(train_argv('llcm', llcm_root, str(out)))
     single = evaluation.selection_rank1(model, 'llcm', str(llcm_root), 1, 'all', args,
                                          torch.device('cpu'))
     assert single['mAP'] == pytest.approx(state['metrics']['mAP'], abs=1e-5)
@@ -84,7 +84,7 @@ def test_sharded_extraction_during_training_matches_one_process(ddp_run, llcm_ro
 def test_bf16_autocast_on_cpu_trains_and_tests(llcm_root, tmp_path, capsys):
     argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 3, '--lr', 0.2, '--warmup', 1,
                       '--amp', 'bf16', '--eval-every', 0, '--channels-last')
-    assert train.main(argv) == 0
+    assert training.main(argv) == 0
     losses = epoch_losses(tmp_path / 'logs' / 'llcm_deen.log')
     assert losses[2] < losses[0]
     assert test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',

@@ -14,14 +14,14 @@ from PIL import Image
 import data_loader
 import evaluation
 import test as test_script
-import train
+import training
 from tiny_runs import REPO, epoch_losses, run_script, train_argv
 from utils import load_checkpoint, run_main
 
 
 def run_train(argv):
     """train.py's exit status as the command line sees it (UserError -> 2)."""
-    return run_main(lambda: train.main(argv))
+    return run_main(lambda: training.main(argv))
 
 
 def final_weights(out_dir, name='llcm_deen'):
@@ -71,7 +71,7 @@ def test_sigterm_finishes_the_step_saves_last_and_the_run_resumes(llcm_root, tmp
 
 
 KILL_DURING_SECOND_SAVE = '''
-import os, signal, sys, torch, train
+import os, signal, sys, torch, training
 real_save, saves = torch.save, []
 def dying_save(obj, handle, *args, **kwargs):
     saves.append(1)
@@ -81,7 +81,7 @@ def dying_save(obj, handle, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, handle, *args, **kwargs)
 torch.save = dying_save
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(training.main(sys.argv[1:]))
 '''
 
 
@@ -100,7 +100,7 @@ def test_sigkill_during_a_save_loses_at_most_the_current_epoch(llcm_root, tmp_pa
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last(llcm_root, tmp_path, monkeypatch,
                                                                    capsys):
-    build = train.build_criterion
+    build = training.build_criterion
 
     def poisoned(*args, **kwargs):
         criterion, calls = build(*args, **kwargs), []
@@ -111,7 +111,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last(llcm_root, tmp
             return (loss * float('nan'), parts) if len(calls) == 4 else (loss, parts)
         return compute
 
-    monkeypatch.setattr(train, 'build_criterion', poisoned)
+    monkeypatch.setattr(training, 'build_criterion', poisoned)
     argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 3, '--max-steps', 3,
                       '--eval-every', 0)
     assert run_train(argv) == 2
@@ -203,7 +203,7 @@ def test_empty_query(llcm_copy, tmp_path, capsys):
 def test_unknown_flag_values(tmp_path, capsys):
     assert_user_error(capsys, run_train(['--device', 'tpu']), '--device')
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(['--dataset', 'market'])
+        training.parse_args(['--dataset', 'market'])
     assert exit_info.value.code == 2 and 'invalid choice' in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ import pre_process_sysu
 import evaluation
 import inference
 import test as test_script
-import train
+import training
 from data_manager import train_image_lists
 from model import build_model, released_state_dict
 from tiny_runs import epoch_losses, run_script, train_argv
@@ -24,7 +24,7 @@ def llcm_run(llcm_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('llcm_run'))
     argv = train_argv('llcm', llcm_root, out, '--arch', 'resnet50', '--epochs', 3, '--lr', 0.2,
                       '--warmup', 1)
-    assert train.main(argv) == 0
+    assert training.main(argv) == 0
     return out
 
 
@@ -110,7 +110,7 @@ def test_pre_process_sysu_writes_the_released_cache_files(sysu_root, tmp_path):
 
 
 def test_sysu_trains_and_tests_both_search_modes(sysu_root, tmp_path, capsys):
-    assert train.main(train_argv('sysu', sysu_root, str(tmp_path), '--epochs', 1,
+    assert training.main(train_argv('sysu', sysu_root, str(tmp_path), '--epochs', 1,
                                  '--max-steps', 2)) == 0
     code = test_script.main(['--dataset', 'sysu', '--data-path', str(sysu_root), '--resume',
                              str(tmp_path / 'models' / 'sysu_deen_best.pth'), '--device', 'cpu',
@@ -120,7 +120,7 @@ def test_sysu_trains_and_tests_both_search_modes(sysu_root, tmp_path, capsys):
 
 
 def test_regdb_trains_the_selected_trial_and_tests_with_its_checkpoint(regdb_root, tmp_path, capsys):
-    assert train.main(train_argv('regdb', regdb_root, str(tmp_path), '--trial', 3, '--epochs', 1,
+    assert training.main(train_argv('regdb', regdb_root, str(tmp_path), '--trial', 3, '--epochs', 1,
                                  '--max-steps', 2)) == 0
     assert sorted(os.listdir(tmp_path / 'models')) == ['regdb_deen_trial3_best.pth',
                                                        'regdb_deen_trial3_last.pth']
@@ -155,7 +155,7 @@ def test_demo_dataset_is_generated_in_the_llcm_layout_and_used(tmp_path):
 
 
 def test_lighter_trunk_with_adam_trains_and_test_py_rebuilds_it(llcm_root, tmp_path, capsys):
-    assert train.main(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet18', '--optim',
+    assert training.main(train_argv('llcm', llcm_root, str(tmp_path), '--arch', 'resnet18', '--optim',
                                  'adam', '--lr', '1e-3', '--epochs', 1, '--max-steps', 2)) == 0
     checkpoint = tmp_path / 'models' / 'llcm_deen_best.pth'
     assert torch.load(checkpoint, weights_only=True)['arch'] == 'resnet18'
@@ -169,8 +169,8 @@ def test_lighter_trunk_with_adam_trains_and_test_py_rebuilds_it(llcm_root, tmp_p
 def test_optimizer_trains_a_pretrained_trunk_at_a_tenth_of_the_head_rate(pretrained, body_scale,
                                                                          optim, kind):
     model = build_model('deen', 4, 'regdb', arch='resnet18')
-    optimizer = train.build_optimizer(model, 0.5, optim, pretrained=pretrained != 'none')
-    train.set_learning_rate(optimizer, 0.5)
+    optimizer = training.build_optimizer(model, 0.5, optim, pretrained=pretrained != 'none')
+    training.set_learning_rate(optimizer, 0.5)
     body, head = optimizer.param_groups
     assert isinstance(optimizer, kind)
     assert body['lr'] == pytest.approx(0.5 * body_scale) and head['lr'] == 0.5
@@ -179,10 +179,10 @@ def test_optimizer_trains_a_pretrained_trunk_at_a_tenth_of_the_head_rate(pretrai
 
 
 def test_demo_recipe_is_filled_in_and_flags_still_win():
-    args = train.parse_args(['--dataset', 'demo'])
+    args = training.parse_args(['--dataset', 'demo'])
     assert (args.arch, args.optim, args.pretrained, args.eval_every) == ('resnet18', 'adam', 'none', 3)
     assert args.erasing is None and args.grayscale == 0.0
-    args = train.parse_args(['--dataset', 'demo', '--arch', 'resnet50', '--eval-every', '1'])
+    args = training.parse_args(['--dataset', 'demo', '--arch', 'resnet50', '--eval-every', '1'])
     assert (args.arch, args.eval_every) == ('resnet50', 1)
-    args = train.parse_args(['--dataset', 'llcm'])
+    args = training.parse_args(['--dataset', 'llcm'])
     assert (args.arch, args.optim, args.lr, args.eval_every) == ('resnet50', 'sgd', 0.1, 1)

@@ -1,0 +1,472 @@
+"""Training runs as a library: train.py's flags and recipes, the Trainer (data, model, optimiser,
+loop, checkpoints, history) and main(argv), which train.py and reproduce.py call."""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
+from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
+from loss import build_criterion
+from model import BACKBONES, build_model, load_model_weights, uses_pretrained
+from evaluation import selection_rank1
+from inference import CHECKPOINT_FORMAT
+from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
+                   autocast_context, epoch_seed, fill_runtime_defaults, load_checkpoint, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_logger,
+                   setup_runtime)
+
+# Flags left unset take these values, then the method's released recipe (METHOD.md), then the
+# dataset's overrides.
+RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet')
+METHOD_DEFAULTS = {
+    'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
+                 lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
+    'agw': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
+                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10),
+}
+DATASET_OVERRIDES = {
+    'sysu': {'deen': dict(erasing=(0.2, 0.8))},
+    # The demo: a small configuration that learns from scratch on 2 CPU cores in about three
+    # minutes. Measured on the demo data (notes in README): a ResNet-50 manages ~150 steps in that
+    # time and stays near chance; random grayscale and erasing slow from-scratch learning down.
+    'demo': {method: dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos=4,
+                          img_h=64, img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0,
+                          erasing=None, pad=2, eval_every=3, pretrained='none', workers=0,
+                          test_batch=128)
+             for method in METHOD_DEFAULTS},
+}
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the current step finished and `last` was saved."""
+
+
+DESCRIPTION = ('Train DEEN (or the AGW baseline) on SYSU-MM01, RegDB, LLCM or the embedded demo '
+               'dataset: one process or many (torchrun, DDP), mixed precision, exact resume and '
+               'atomic checkpoints.')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser.add_argument('--dataset', default='llcm', choices=DATASETS)
+    parser.add_argument('--data-path', help='dataset root (default: data/<name>; demo: generated there)')
+    parser.add_argument('--method', default='deen', choices=tuple(METHOD_DEFAULTS))
+    parser.add_argument('--arch', choices=BACKBONES, help='trunk (default resnet50, as in the paper)')
+    parser.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default sgd: Nesterov, '
+                        'momentum 0.9, weight decay 5e-4; adam: the same weight decay)')
+    parser.add_argument('--lr', type=float, help='base learning rate of BNNeck and classifier '
+                        '(a pretrained trunk trains at 0.1x); default 0.1')
+    parser.add_argument('--batch-size', type=int, help='identities per step per process (P)')
+    parser.add_argument('--num_pos', type=int, help='images per identity per modality (K)')
+    parser.add_argument('--epochs', type=int, help='number of epochs (DEEN 151, AGW 81)')
+    parser.add_argument('--warmup', type=int, help='epochs of linear learning-rate warm-up (10)')
+    parser.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning rate '
+                        'drops x0.1 (DEEN 20 80, AGW 20 50)')
+    parser.add_argument('--trial', default='1', help='RegDB split 1..10, or "all" to train the ten '
+                        'splits one after another')
+    parser.add_argument('--mode', default='all', choices=('all', 'indoor'),
+                        help='SYSU-MM01 search mode used for model selection')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--resume', help='checkpoint to continue from ("last" = this run\'s last)')
+    parser.add_argument('--model_path', default='save_model', help='folder for checkpoints')
+    parser.add_argument('--log_path', default='log', help='folder for logs, arguments, TensorBoard')
+    parser.add_argument('--cache-dir', help='folder of the resized training-image cache '
+                        '(default: the dataset folder)')
+    parser.add_argument('--img_h', type=int)
+    parser.add_argument('--img_w', type=int)
+    parser.add_argument('--lambda_1', type=float, default=0.8, help='weight of the CPM loss')
+    parser.add_argument('--lambda_2', type=float, default=0.01,
+                        help='weight of the orthogonal loss (released code 0.01, paper 0.1)')
+    parser.add_argument('--margin', type=float, default=0.3, help='triplet margin')
+    parser.add_argument('--eval-every', type=int, help='evaluate every N epochs (0: never); default 1')
+    parser.add_argument('--pretrained', help='imagenet (default), none, or a torchvision ResNet-50 '
+                        'state-dict file')
+    parser.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
+    parser.add_argument('--max-steps', type=int, help='stop each epoch after this many steps '
+                        '(smoke tests and benchmarks)')
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    return resolve_defaults(args)
+
+
+def resolve_defaults(args):
+    """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
+    recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
+    recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
+    for name, value in recipe.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
+    args.cache_dir = args.cache_dir or args.data_path
+    fill_runtime_defaults(args)
+    if args.trial != 'all' and not (args.trial.isdigit() and 1 <= int(args.trial) <= 10):
+        raise UserError(f'--trial must be a RegDB split 1..10 or "all", got {args.trial!r}.')
+    for name in ('batch_size', 'num_pos', 'epochs', 'img_h', 'img_w', 'test_batch'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be a positive integer.')
+    if args.lr <= 0:
+        raise UserError('--lr must be positive.')
+    return args
+
+
+def learning_rate(base_lr, epoch, warmup, steps):
+    """Linear warm-up over the first `warmup` epochs, then x0.1 at each epoch in `steps`."""
+    if epoch < warmup:
+        return base_lr * (epoch + 1) / warmup
+    return base_lr * 0.1 ** sum(epoch >= step for step in steps)
+
+
+def build_optimizer(model, base_lr, optim='sgd', pretrained=True):
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): BNNeck and classifier at lr, the
+    rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
+    head = [p for name, p in model.named_parameters()
+            if name.startswith(('bottleneck.', 'classifier.')) and p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
+              {'params': head, 'lr_scale': 1.0}]
+    if optim == 'adam':
+        return torch.optim.Adam(groups, lr=base_lr, weight_decay=5e-4)
+    return torch.optim.SGD(groups, lr=base_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+
+
+def run_name(args, trial):
+    return f'{args.dataset}_{args.method}' + (f'_trial{trial}' if args.dataset == 'regdb' else '')
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag read after each step; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run (one dataset, one RegDB trial): data, model, optimiser, loop, checkpoints."""
+
+    def __init__(self, args, trial, ctx, device, logger):
+        self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
+        self.name = run_name(args, trial)
+        self.layout = layout_of(args.dataset)
+        self.last_path = os.path.join(args.model_path, self.name + '_last.pth')
+        self.best_path = os.path.join(args.model_path, self.name + '_best.pth')
+        self.loader, self.sampler, num_classes = self._build_data()
+        self.num_classes = num_classes
+        seed_everything(args.seed, args.deterministic)
+        model = build_model(args.method, num_classes, args.dataset, pretrained=args.pretrained,
+                            arch=args.arch)
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if ctx.enabled and args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
+        self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
+                                         lambda_2=args.lambda_2)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+        self.start_epoch, self.start_step = 0, 0
+        self.best_rank1, self.best_epoch = -1.0, -1
+        if args.resume:
+            self._resume(self._resume_path())
+        self.train_model = self._wrap(model)
+        self.writer = self._tensorboard()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _build_data(self):
+        args, ctx = self.args, self.ctx
+        if args.dataset == 'demo':
+            from tools.synthetic_data import make_demo_dataset
+            if ctx.is_main:
+                make_demo_dataset(args.data_path)
+            self._barrier()
+        lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
+        size = (args.img_w, args.img_h)
+        if ctx.is_main:  # one process builds the cache, the others wait and read it
+            for modality in MODALITIES:
+                load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
+        self._barrier()
+        caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
+                  for m in MODALITIES]
+        num_classes = int(max(labels.max() for _, labels in caches)) + 1
+        transform = train_transform(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad)
+        dataset = CrossModalTrainSet(*caches, transform)
+        sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
+                                  seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
+            num_workers=args.workers, pin_memory=self.device.type == 'cuda', drop_last=False,
+            persistent_workers=False)
+        self.log.info(f'{self.name}: {num_classes} identities, {len(caches[0][1])} visible and '
+                      f'{len(caches[1][1])} infrared training images, {sampler.steps} steps/epoch '
+                      f'on {ctx.world_size} process(es)')
+        return loader, sampler, num_classes
+
+    def _wrap(self, model):
+        if self.ctx.enabled:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def _tensorboard(self):
+        if not self.ctx.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(os.path.join(self.args.log_path, 'tensorboard', self.name))
+
+    def _barrier(self):
+        if self.ctx.enabled:
+            dist.barrier()
+
+    def _resume_path(self):
+        return self.last_path if self.args.resume == 'last' else self.args.resume
+
+    def _resume(self, path):
+        state = load_checkpoint(path)
+        if state.get('format') != CHECKPOINT_FORMAT:  # released DEEN checkpoint: weights only
+            load_model_weights(self.model, state.get('net', state))
+            self.start_epoch = int(state.get('epoch', -1)) + 1
+            self.log.info(f'initialised from released checkpoint {path}; optimiser and schedule '
+                          f'start fresh at epoch {self.start_epoch}')
+            return
+        expected = {'dataset': self.args.dataset, 'method': self.args.method,
+                    'arch': self.args.arch, 'num_classes': self.num_classes}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise UserError(f'checkpoint {path} was trained with {key} {state.get(key)!r}, '
+                                f'but this run has {key} {value!r}.')
+        load_model_weights(self.model, state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scaler.load_state_dict(state['scaler'])
+        self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
+        self.start_epoch, self.start_step = state['epoch'], state['step']
+        if self.start_step == 0:
+            self.start_epoch += 1
+        self.resumed_rng = state['rng'] if state['rng'].get('world_size') == self.ctx.world_size else None
+        self.log.info(f'resumed {path}: epoch {self.start_epoch}, step {self.start_step}')
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _state(self, epoch, step, metrics=None):
+        rng = rng_state()
+        rng['world_size'] = self.ctx.world_size
+        return {
+            'format': CHECKPOINT_FORMAT, 'version': __version__,
+            'dataset': self.args.dataset, 'method': self.args.method, 'arch': self.args.arch,
+            'trial': int(self.trial),
+            'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
+            'sampler': {'seed': self.args.seed, 'epoch': epoch, 'step': step},
+            'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch, 'rng': rng,
+            'metrics': metrics or {}, 'args': plain_args(self.args),
+        }
+
+    def _save(self, path, state):
+        if self.ctx.is_main:
+            save_checkpoint(state, path)
+
+    # -- loop -------------------------------------------------------------------------------
+    def fit(self, stop):
+        args = self.args
+        for epoch in range(self.start_epoch, args.epochs):
+            start_step = self.start_step if epoch == self.start_epoch else 0
+            self._seed_epoch(epoch, start_step)
+            lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
+            set_learning_rate(self.optimizer, lr)
+            started = time.time()
+            losses = self._train_epoch(epoch, start_step, lr, stop)
+            train_seconds = time.time() - started
+            metrics = self._evaluate(epoch)
+            state = self._state(epoch, 0, metrics)
+            if metrics and metrics['rank1'] > self.best_rank1:
+                self.best_rank1, self.best_epoch = metrics['rank1'], epoch
+                state.update(best_rank1=self.best_rank1, best_epoch=epoch)
+                self._save(self.best_path, state)
+            self._save(self.last_path, state)
+            self._report(epoch, lr, losses, metrics, train_seconds)
+        if self.best_epoch < 0:  # never evaluated: the final weights are the selection
+            self._save(self.best_path, self._state(args.epochs - 1, 0))
+        return self.best_rank1
+
+    def _seed_epoch(self, epoch, start_step):
+        resumed = getattr(self, 'resumed_rng', None)
+        if resumed is not None and start_step > 0:
+            set_rng_state(resumed)  # continue the interrupted epoch where it stopped
+        else:
+            seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank))
+        self.resumed_rng = None
+        self.sampler.set_epoch(epoch, start_step)
+
+    def _train_epoch(self, epoch, start_step, lr, stop):
+        args, device = self.args, self.device
+        self.train_model.train()
+        meters = {}
+        total = self.sampler.steps if args.max_steps is None else min(self.sampler.steps, args.max_steps)
+        bar = tqdm(total=total, initial=start_step, desc=f'epoch {epoch}', leave=False,
+                   disable=not self.ctx.is_main, dynamic_ncols=True)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, start_step):
+            if step >= total:
+                break
+            visible = visible.to(device, non_blocking=True, memory_format=memory_format)
+            infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
+            labels = torch.cat([visible_labels, infrared_labels]).to(device, non_blocking=True)
+            with autocast_context(device, args.amp):
+                loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
+            values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
+                                                             for v in parts.values()] +
+                                  [torch.tensor(float(stop.requested), device=device)])
+            if not math.isfinite(values[0]):
+                raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
+                                       f'the last good checkpoint is {self.last_path}.')
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            for name, value in zip(['loss', *parts], values):
+                meters.setdefault(name, AverageMeter()).update(value)
+            bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
+            bar.update()
+            if values[-1] > 0:  # some process was asked to stop: all stop after this step
+                self._save(self.last_path, self._state(epoch, step + 1))
+                bar.close()
+                raise Interrupted(epoch)
+        bar.close()
+        return {name: m.avg for name, m in meters.items()}
+
+    def _reduce(self, values):
+        """Mean over processes of the step's scalars (the stop flag is summed)."""
+        stacked = torch.stack(values)
+        if self.ctx.enabled:
+            dist.all_reduce(stacked)
+            stacked[:-1] /= self.ctx.world_size
+        return stacked.tolist()
+
+    def _evaluate(self, epoch):
+        args = self.args
+        if not args.eval_every or ((epoch + 1) % args.eval_every and epoch + 1 != args.epochs):
+            return None
+        start = time.time()
+        if self.ctx.enabled:  # BN statistics differ per process (each saw its own batches): use rank 0's
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = selection_rank1(self.model, self.layout, args.data_path, trial=int(self.trial),
+                                  mode=args.mode, args=args, device=self.device, ctx=self.ctx)
+        metrics['seconds'] = time.time() - start
+        return metrics
+
+    def _report(self, epoch, lr, losses, metrics, train_seconds):
+        """The epoch's line in the log, its record in the history file, TensorBoard scalars."""
+        if self.ctx.is_main:
+            append_history(history_path(self.args.log_path, self.name),
+                           {'epoch': epoch, 'lr': lr, 'losses': losses, 'metrics': metrics,
+                            'train_seconds': train_seconds, 'time': time.time()})
+        text = ' '.join(f'{name} {value:.4f}' for name, value in losses.items())
+        line = f'{self.name} epoch {epoch} lr {lr:.4g} {text}'
+        if metrics:
+            line += (f' | {metrics["direction"]} Rank-1 {metrics["rank1"]:.2%} mAP {metrics["mAP"]:.2%}'
+                     f' mINP {metrics["mINP"]:.2%} (best {self.best_rank1:.2%} @ {self.best_epoch})')
+        self.log.info(line)
+        if self.writer is not None:
+            for name, value in losses.items():
+                self.writer.add_scalar(f'train/{name}', value, epoch)
+            self.writer.add_scalar('train/lr', lr, epoch)
+            for name, value in (metrics or {}).items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f'test/{name}', value, epoch)
+            self.writer.flush()
+
+
+def plain_args(args):
+    """The arguments as JSON-able, weights-only-loadable values."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def history_path(log_path, name):
+    """The run's per-epoch history: one JSON object per line with epoch, lr, losses ({term:
+    mean}), metrics (the selection metrics with 'seconds', or null when not evaluated),
+    train_seconds and time. A resumed run appends; the last line of an epoch wins."""
+    return os.path.join(log_path, name + '_history.jsonl')
+
+
+def append_history(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a') as handle:
+        handle.write(json.dumps(record) + '\n')
+
+
+def save_args(args, name):
+    os.makedirs(args.log_path, exist_ok=True)
+    with open(os.path.join(args.log_path, name + '_args.json'), 'w') as handle:
+        json.dump(plain_args(args), handle, indent=2)
+
+
+def trials_to_run(args):
+    if args.dataset != 'regdb':
+        return [1]
+    return list(range(1, 11)) if args.trial == 'all' else [int(args.trial)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, ctx = setup_runtime(args)
+    try:
+        with StopRequest() as stop:
+            for trial in trials_to_run(args):
+                name = run_name(args, trial)
+                logger = setup_logger(os.path.join(args.log_path, name + '.log'), ctx.is_main)
+                if ctx.is_main:
+                    save_args(args, name)
+                logger.info(f'{name} on {device} x{ctx.world_size}: ' + ' '.join(sys.argv[1:]))
+                trainer = Trainer(args, trial, ctx, device, logger)
+                best = trainer.fit(stop)
+                logger.info(f'{name} done: best Rank-1 {best:.2%} at epoch {trainer.best_epoch}; '
+                            f'checkpoints {trainer.best_path}, {trainer.last_path}')
+    except Interrupted:
+        if ctx.is_main:
+            print(f'interrupted: saved {trainer.last_path}; continue with the same command plus '
+                  f'--resume {trainer.last_path}', file=sys.stderr)
+        return 130
+    finally:
+        if ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
