@@ -1,7 +1,9 @@
 """Image data for training and testing: the resized uint8 training cache (built once, in
 parallel), the paired cross-modal training set, the test-image set and their transforms."""
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -25,12 +27,17 @@ def read_image(path, size=None):
     """Decode an image of any mode as RGB, optionally resized to size=(w, h) with Lanczos."""
     try:
         with Image.open(path) as img:
-            img = img.convert('RGB')
-            return img.resize(size, Image.Resampling.LANCZOS) if size else img
+            return as_rgb(img, size)
     except FileNotFoundError:
         raise UserError(f'image {path} does not exist.') from None
     except (UnidentifiedImageError, OSError, SyntaxError):
         raise UserError(f'image {path} cannot be decoded (corrupt, truncated or not an image).') from None
+
+
+def as_rgb(image, size=None):
+    """A PIL image of any mode as RGB, optionally resized to size=(w, h) with Lanczos."""
+    image = image.convert('RGB')
+    return image.resize(size, Image.Resampling.LANCZOS) if size else image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,12 +55,56 @@ def cache_key(image_list, size):
 def load_or_build_cache(image_list, cache_dir, size, workers=4, show_progress=True):
     """Return (images [N, h, w, 3] uint8, memory-mapped, labels [N]) for a training ImageList,
     building `<prefix>_img.npy`, `<prefix>_label.npy` and `<prefix>_meta.json` in cache_dir when
-    they are missing or were built from another image list or size."""
-    prefix = os.path.join(cache_dir, CACHE_PREFIX[image_list.modality])
-    key = cache_key(image_list, size)
-    if _read_meta(prefix + '_meta.json').get('key') != key:
+    they are missing, were built from another image list or size, or fail validation (a damaged
+    or tampered cache is named in a warning and rebuilt)."""
+    prefix = cache_prefix(image_list, cache_dir)
+    problem = cache_problem(image_list, cache_dir, size)
+    if problem is not None:
+        if problem != CACHE_OUTDATED:
+            logging.getLogger('deen').warning(f'the training cache {problem}; rebuilding it.')
         _build_cache(image_list, prefix, size, workers, show_progress)
-        _write_json(prefix + '_meta.json', {'key': key, 'size': list(size), 'count': len(image_list)})
+    return _read_cache(prefix)
+
+
+CACHE_OUTDATED = 'missing or built from another image list or size'
+
+
+def cache_prefix(image_list, cache_dir):
+    return os.path.join(cache_dir, CACHE_PREFIX[image_list.modality])
+
+
+def cache_bytes(image_list, size):
+    """Bytes of the image array a cache of image_list at size=(w, h) holds."""
+    width, height = size
+    return len(image_list) * height * width * 3
+
+
+def cache_problem(image_list, cache_dir, size):
+    """None when the cache of image_list at size=(w, h) can be used as it is; CACHE_OUTDATED
+    when it must be built; else what is wrong with it (a phrase that names the file)."""
+    prefix = cache_prefix(image_list, cache_dir)
+    meta = _read_meta(prefix + '_meta.json')
+    if meta.get('key') != cache_key(image_list, size):
+        return CACHE_OUTDATED
+    try:
+        images, labels = _read_cache(prefix)
+    except (OSError, ValueError, EOFError) as error:
+        unsafe = 'object' in str(error).lower()
+        reason = 'holds Python objects, which are not loaded' if unsafe else 'cannot be read'
+        return f'{prefix}_img.npy or {prefix}_label.npy {reason}'
+    width, height = size
+    expected = (len(image_list), height, width, 3)
+    if images.dtype != np.uint8 or images.shape != expected:
+        return (f'{prefix}_img.npy holds {images.dtype} {tuple(images.shape)} instead of uint8 '
+                f'{expected}')
+    if (labels.dtype != np.int64 or labels.shape != (len(image_list),)
+            or not np.array_equal(labels, image_list.pids)):
+        return (f'{prefix}_label.npy does not hold the {len(image_list)} int64 labels of the image '
+                f'list')
+    return None
+
+
+def _read_cache(prefix):
     return np.load(prefix + '_img.npy', mmap_mode='r'), np.load(prefix + '_label.npy')
 
 
@@ -73,25 +124,38 @@ def _write_json(path, content):
 
 
 def _build_cache(image_list, prefix, size, workers, show_progress):
+    """Decode and resize every image into temporary files, then rename them into place and write
+    the meta file last; on any failure (a bad image, a full disk, an interrupt) the temporary
+    files are removed."""
     width, height = size
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    tmp_path = prefix + '_img.tmp.npy'
-    images = np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8,
-                                       shape=(len(image_list), height, width, 3))
-    del images  # workers fill it through their own memory maps
-    chunks = [(tmp_path, start, image_list.paths[start:start + CACHE_CHUNK], size)
-              for start in range(0, len(image_list), CACHE_CHUNK)]
-    with tqdm(total=len(image_list), desc=f'caching {image_list.modality} images',
-              disable=not show_progress, unit='img') as progress:
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for done in pool.map(_fill_chunk, chunks):
-                    progress.update(done)
-        else:
-            for chunk in chunks:
-                progress.update(_fill_chunk(chunk))
-    np.save(prefix + '_label.npy', np.asarray(image_list.pids, dtype=np.int64))
-    os.replace(tmp_path, prefix + '_img.npy')
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(prefix + '_meta.json')  # the cache is invalid until rebuilt
+    tmp_images, tmp_labels = prefix + '_img.tmp.npy', prefix + '_label.tmp.npy'
+    try:
+        images = np.lib.format.open_memmap(tmp_images, mode='w+', dtype=np.uint8,
+                                           shape=(len(image_list), height, width, 3))
+        del images  # workers fill it through their own memory maps
+        chunks = [(tmp_images, start, image_list.paths[start:start + CACHE_CHUNK], size)
+                  for start in range(0, len(image_list), CACHE_CHUNK)]
+        with tqdm(total=len(image_list), desc=f'caching {image_list.modality} images',
+                  disable=not show_progress, unit='img') as progress:
+            if workers > 1 and len(chunks) > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    for done in pool.map(_fill_chunk, chunks):
+                        progress.update(done)
+            else:
+                for chunk in chunks:
+                    progress.update(_fill_chunk(chunk))
+        np.save(tmp_labels, np.asarray(image_list.pids, dtype=np.int64))
+        os.replace(tmp_images, prefix + '_img.npy')
+        os.replace(tmp_labels, prefix + '_label.npy')
+        _write_json(prefix + '_meta.json', {'key': cache_key(image_list, size), 'size': list(size),
+                                            'count': len(image_list)})
+    finally:
+        for leftover in (tmp_images, tmp_labels, prefix + '_meta.json.tmp'):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
 
 
 def _fill_chunk(job):
@@ -129,8 +193,11 @@ def test_transform():
 # Datasets
 
 class CrossModalTrainSet(torch.utils.data.Dataset):
-    """Paired training samples: index (visible i, infrared j) -> (vis image, ir image, vis label,
-    ir label), each image augmented independently from the uint8 caches."""
+    """Paired training samples: index (visible i, infrared j, seed) -> (vis image, ir image, vis
+    label, ir label), each image augmented independently from the uint8 caches. The augmentation
+    draws come from torch's CPU generator seeded with `seed` (the sampler's), and the generator's
+    state is restored afterwards: a sample is the same in any worker or in the main process, and
+    the training process's own random stream is never touched."""
 
     def __init__(self, visible, infrared, transform):
         (self.visible_images, self.visible_labels) = visible
@@ -143,14 +210,16 @@ class CrossModalTrainSet(torch.utils.data.Dataset):
     def _augment(self, images, index):
         return self.transform(torch.from_numpy(np.array(images[index])).permute(2, 0, 1))
 
-    def __getitem__(self, pair):
-        vis, ir = pair
-        return (self._augment(self.visible_images, vis), self._augment(self.infrared_images, ir),
-                int(self.visible_labels[vis]), int(self.infrared_labels[ir]))
+    def __getitem__(self, index):
+        vis, ir, seed = index
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            images = self._augment(self.visible_images, vis), self._augment(self.infrared_images, ir)
+        return (*images, int(self.visible_labels[vis]), int(self.infrared_labels[ir]))
 
 
 class TestImageSet(torch.utils.data.Dataset):
-    """Test images by path, decoded and resized to (img_w, img_h)."""
+    """Test images by path (or as PIL images), decoded and resized to (img_w, img_h)."""
 
     def __init__(self, paths, img_h, img_w):
         self.paths, self.size = list(paths), (img_w, img_h)
@@ -160,4 +229,7 @@ class TestImageSet(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(read_image(self.paths[index], self.size))
+        image = self.paths[index]
+        if isinstance(image, Image.Image):
+            return self.transform(as_rgb(image, self.size))
+        return self.transform(read_image(image, self.size))

@@ -1,5 +1,6 @@
 """Image lists of SYSU-MM01, RegDB and LLCM (training sets, test queries and random galleries):
 one generic reader driven by a table of per-dataset facts, under the names VI-ReID repos call."""
+import dataclasses
 import os
 import random
 import re
@@ -21,7 +22,14 @@ DIRECTION_PLANS = {
     'vis_to_ir': (('visible', 'every'), ('infrared', 'sampled')),
     # the released DEEN script's "VIS to IR": the NIR single-shot set ranks every VIS test image
     'released_vis_to_ir': (('infrared', 'sampled'), ('visible', 'every')),
+    # the released DEEN script's RegDB test: the images of vis_to_ir / ir_to_vis, but each passes
+    # through the other modality's stem (its test modes are swapped relative to its training)
+    'released_routing_vis_to_ir': (('visible', 'every'), ('infrared', 'every')),
+    'released_routing_ir_to_vis': (('infrared', 'every'), ('visible', 'every')),
 }
+# Directions whose images pass through the other modality's stem, and that other modality.
+OTHER_STEM_DIRECTIONS = ('released_routing_vis_to_ir', 'released_routing_ir_to_vis')
+OTHER_MODALITY = {'visible': 'infrared', 'infrared': 'visible'}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class DatasetFacts:
     camera_folders: bool = True  # cameras named by camN folders (else one camera per modality)
     matching: str = 'none'       # eval_metrics.MATCHING_RULES key
     identity_cmc: bool = False   # CMC over distinct gallery identities (else over images)
+    train_classes: int = None    # identities of the published training set (a released
+                                 # checkpoint's class count names its dataset)
 
     @property
     def random_gallery(self):
@@ -62,7 +72,7 @@ DATASET_FACTS = {
         indoor_cameras=(1, 2),
         test_id_file='exp/test_id.txt',
         train_id_files=('exp/train_id.txt', 'exp/val_id.txt'),
-        matching='cam3_ignores_cam2', identity_cmc=True),
+        matching='cam3_ignores_cam2', identity_cmc=True, train_classes=395),
     'llcm': DatasetFacts(
         title='LLCM',
         layout='idx/{train_vis,train_nir}.txt, idx/test_id.txt, test_vis/cam1..cam9/PPPP/ and '
@@ -72,17 +82,18 @@ DATASET_FACTS = {
         image_folders={'visible': 'test_vis', 'infrared': 'test_nir'},
         test_id_file='idx/test_id.txt',
         train_index={'visible': 'idx/train_vis.txt', 'infrared': 'idx/train_nir.txt'},
-        matching='same_id_and_camera', identity_cmc=True),
+        matching='same_id_and_camera', identity_cmc=True, train_classes=713),
     'regdb': DatasetFacts(
         title='RegDB',
         layout='Visible/, Thermal/ and idx/{train,test}_{visible,thermal}_{1..10}.txt',
         cameras={'visible': (1,), 'infrared': (2,)},
-        directions=('vis_to_ir', 'ir_to_vis'),
+        directions=('vis_to_ir', 'ir_to_vis', 'released_routing_vis_to_ir',
+                    'released_routing_ir_to_vis'),
         train_index={'visible': 'idx/train_visible_{trial}.txt',
                      'infrared': 'idx/train_thermal_{trial}.txt'},
         test_index={'visible': 'idx/test_visible_{trial}.txt',
                     'infrared': 'idx/test_thermal_{trial}.txt'},
-        trials=range(1, 11), camera_folders=False),
+        trials=range(1, 11), camera_folders=False, train_classes=206),
 }
 DATASET_ALIASES = {'demo': 'llcm'}  # the demo data uses LLCM's layout and rules
 DATASETS = (*DATASET_FACTS, *DATASET_ALIASES)  # the --dataset choices of train.py and test.py
@@ -96,6 +107,11 @@ class ImageList:
     pids: np.ndarray     # int64 identity labels
     camids: np.ndarray   # int64 camera numbers (RegDB: 1 for visible, 2 for thermal)
     modality: str        # 'visible' or 'infrared' (RegDB thermal and LLCM NIR are 'infrared')
+    stem: str = None     # the modality whose stem the images pass through; default their own
+
+    def __post_init__(self):
+        if self.stem is None:
+            object.__setattr__(self, 'stem', self.modality)
 
     def __len__(self):
         return len(self.paths)
@@ -118,6 +134,12 @@ def dataset_facts(dataset):
     return DATASET_FACTS[layout_of(dataset)]
 
 
+def dataset_of_class_count(count):
+    """The dataset whose published training set has `count` identities, or None."""
+    return next((name for name, facts in DATASET_FACTS.items() if facts.train_classes == count),
+                None)
+
+
 def query_gallery(dataset, direction, data_path, trial, mode='all', multi_shot=False):
     """(query, gallery) ImageLists of one test trial: the gallery seed (SYSU-MM01, LLCM) or the
     split number (RegDB). mode ('all' | 'indoor') is SYSU-MM01's search mode."""
@@ -132,6 +154,8 @@ def query_gallery(dataset, direction, data_path, trial, mode='all', multi_shot=F
     lists = [_test_images(facts, data_path, modality, draw, trial, multi_shot,
                           visible_cameras if modality == 'visible' else None)
              for modality, draw in DIRECTION_PLANS[direction]]
+    if direction in OTHER_STEM_DIRECTIONS:
+        lists = [dataclasses.replace(lst, stem=OTHER_MODALITY[lst.modality]) for lst in lists]
     return tuple(lists)
 
 

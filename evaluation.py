@@ -1,12 +1,27 @@
 """The test protocols of SYSU-MM01, RegDB and LLCM run on a model: every setting's query/gallery
-splits, one feature extraction for all trials, the metrics per fusion, summaries and tables."""
+splits, one feature extraction for all trials, the metrics per fusion, summaries and tables, and
+test.py's whole run (flags, results file with its provenance) for test.py and reproduce.py."""
+import argparse
+import functools
+import json
+import os
+import textwrap
+
 import numpy as np
 import torch
 
-from data_manager import dataset_facts, layout_of, query_gallery
+from checks import (check_data_folder, check_images_exist, check_integer, check_output_folder,
+                    check_runtime_flags, check_torch_file)
+from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_STEM_DIRECTIONS,
+                          dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
-from inference import FUSIONS, extract_features, fused_distance, load_trained_model
-from utils import UserError
+from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_distance,
+                       load_trained_model)
+from provenance import format_provenance, run_provenance
+from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
+from utils import UserError, add_runtime_args, fill_runtime_defaults, load_checkpoint
+
+RESULTS_FORMAT = 'deen-vireid-results'
 
 RANKS = (1, 5, 10, 20)
 
@@ -24,13 +39,14 @@ def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False)
     return splits
 
 
-def evaluate_store(store, layout, splits, fusions=FUSIONS):
-    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features."""
+def evaluate_store(store, layout, splits, fusions=FUSIONS, distance=fused_distance):
+    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features;
+    distance(query features, gallery features, fusion weights) gives each [Q, G] distance."""
     results = {}
     for name, _, query, gallery in splits:
         query_features, gallery_features = store.select(query), store.select(gallery)
         for fusion, weights in fusions.items():
-            distmat = fused_distance(query_features, gallery_features, weights)
+            distmat = distance(query_features, gallery_features, weights)
             results.setdefault(name, {}).setdefault(fusion, []).append(
                 evaluate(layout, distmat, query, gallery))
     return results
@@ -46,13 +62,19 @@ def evaluate_splits(model, layout, splits, args, device, ctx=None, fusions=FUSIO
 def selection_rank1(model, layout, data_path, trial, mode, args, device, ctx=None):
     """The model-selection metric of METHOD.md: fused Rank-1 of IR->VIS (SYSU-MM01, LLCM) or
     VIS->IR (RegDB) on the first gallery trial (RegDB: the run's own split)."""
-    direction = 'vis_to_ir' if layout == 'regdb' else 'ir_to_vis'
-    query, gallery = query_gallery(layout, direction, data_path,
-                                   trial if layout == 'regdb' else 0, mode=mode)
+    direction, query, gallery = selection_split(layout, data_path, trial, mode)
     results, _ = evaluate_splits(model, layout, [(direction, 0, query, gallery)], args, device,
                                  ctx, fusions={'pool+feat': FUSIONS['pool+feat']})
     cmc, mean_ap, minp = results[direction]['pool+feat'][0]
     return {'direction': direction, 'rank1': float(cmc[0]), 'mAP': float(mean_ap), 'mINP': float(minp)}
+
+
+def selection_split(layout, data_path, trial, mode):
+    """(direction, query, gallery) that selection_rank1 evaluates during training."""
+    direction = 'vis_to_ir' if layout == 'regdb' else 'ir_to_vis'
+    query, gallery = query_gallery(layout, direction, data_path,
+                                   trial if layout == 'regdb' else 0, mode=mode)
+    return direction, query, gallery
 
 
 def summarise(per_trial):
@@ -66,6 +88,12 @@ def summarise(per_trial):
     columns['mINP'] = [m for _, _, m in per_trial]
     return {name: (float(np.mean(v)), float(np.std(v)), [float(x) for x in v])
             for name, v in columns.items()}
+
+
+def summarise_settings(results):
+    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} -> {setting: {fusion: summarise(...)}}."""
+    return {name: {fusion: summarise(values) for fusion, values in by_fusion.items()}
+            for name, by_fusion in results.items()}
 
 
 def format_table(name, by_fusion, trials):
@@ -112,14 +140,21 @@ def trial_groups(args, layout):
 
 def run_protocol(args, device, ctx):
     """Evaluate every setting of args.dataset with the checkpoint(s) of args.resume; returns
-    ({setting: {fusion: summary}}, counts of images and forward passes). With args.save_features
-    the extracted features are written there."""
+    ({setting: {fusion: summary}}, counts of images and forward passes, [per checkpoint: path,
+    trials, method, arch, epoch, seed, provenance], the summaries of the re-ranked distances
+    with args.rerank ({} without)). With args.save_features the extracted features are written
+    there."""
     layout = layout_of(args.dataset)
-    modes = ('all', 'indoor') if args.mode == 'both' else (args.mode,)
+    modes = search_modes(args.mode)
     results, counts = {}, {'images': 0, 'forward_passes': 0, 'separate_extraction_images': 0}
+    reranked = {}  # the same for the re-ranked distances (--rerank)
+    models = []
     for group in trial_groups(args, layout):
         path = checkpoint_for_trial(args.resume, group[0])
         model, info = load_trained_model(path, args.dataset, device)
+        models.append({'checkpoint': path, 'trials': list(group),
+                       **{key: info[key] for key in ('method', 'arch', 'epoch', 'seed',
+                                                     'provenance')}})
         args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -128,6 +163,11 @@ def run_protocol(args, device, ctx):
         for name, by_fusion in trial_results.items():
             for fusion, values in by_fusion.items():
                 results.setdefault(name, {}).setdefault(fusion, []).extend(values)
+        if args.rerank:
+            for name, by_fusion in evaluate_store_reranked(store, layout, splits,
+                                                           rerank_params(args)).items():
+                for fusion, values in by_fusion.items():
+                    reranked.setdefault(name, {}).setdefault(fusion, []).extend(values)
         counts['images'] += store.images
         counts['forward_passes'] += store.forward_passes
         counts['separate_extraction_images'] += separate_extraction_cost(splits)
@@ -135,12 +175,303 @@ def run_protocol(args, device, ctx):
             store.save(checkpoint_for_trial(args.save_features, group[0]),
                        {'dataset': args.dataset, 'data_path': args.data_path, 'checkpoint': path,
                         'method': info['method'], 'img_h': args.img_h, 'img_w': args.img_w})
-    summaries = {name: {fusion: summarise(values) for fusion, values in by_fusion.items()}
-                 for name, by_fusion in results.items()}
-    return summaries, counts
+    return summarise_settings(results), counts, models, summarise_settings(reranked)
+
+
+def search_modes(mode):
+    """The SYSU-MM01 search modes of a --mode value ('both' = all and indoor)."""
+    return ('all', 'indoor') if mode == 'both' else (mode,)
+
+
+def setting_direction(name):
+    """The direction (DIRECTION_PLANS key) of a setting name ('all ir_to_vis' -> 'ir_to_vis')."""
+    return name.split()[-1]
 
 
 def separate_extraction_cost(splits):
-    """Images the released scripts decode: every query set once per setting, every trial's gallery."""
-    queries = {(name, len(q)) for name, _, q, _ in splits}
-    return sum(n for _, n in queries) + sum(len(g) for _, _, _, g in splits)
+    """Images the released scripts decode when run once per setting: the side of a direction that
+    holds every test image of its modality is extracted once (per setting and model), a sampled
+    side once per trial. (The released_vis_to_ir gallery, all visible images, is extracted once:
+    it is that script's query set.)"""
+    total, counted = 0, set()
+    for name, trial, query, gallery in splits:
+        plan = DIRECTION_PLANS[setting_direction(name)]
+        for side, (image_list, (_, draw)) in enumerate(zip((query, gallery), plan)):
+            key = (name, side, None if draw == 'every' else trial)
+            if key not in counted:
+                counted.add(key)
+                total += len(image_list)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# test.py's run: flags, dataset from the checkpoint, results file with provenance, tables
+
+def add_test_args(parser):
+    """The flags of the test protocol: test.py's, and what reproduce.py passes to its tests."""
+    parser.add_argument('--dataset', choices=DATASETS, help='default: the one the checkpoint '
+                        'records (ours), or that a released checkpoint\'s class count names '
+                        '(395 SYSU-MM01, 206 RegDB, 713 LLCM)')
+    parser.add_argument('--data-path', help='dataset root (default: data/<name>)')
+    parser.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} '
+                        'in the path to use each split\'s own model')
+    parser.add_argument('--mode', default='both', choices=('all', 'indoor', 'both'),
+                        help='SYSU-MM01 search mode(s)')
+    parser.add_argument('--trial', default='all', help='RegDB split 1..10 or all; SYSU/LLCM: '
+                        'gallery trial 0..9 or all')
+    parser.add_argument('--multi-shot', action='store_true', help='SYSU-MM01 multi-shot gallery (10 per id and camera)')
+    parser.add_argument('--img_h', type=int, help='default: the checkpoint\'s')
+    parser.add_argument('--img_w', type=int, help='default: the checkpoint\'s')
+    parser.add_argument('--output', help='JSON results file (default: next to the checkpoint)')
+    parser.add_argument('--save-features', help='also write the extracted test features (with paths, '
+                        'ids, cameras, modality) to this torch file; RegDB: put {trial} in it')
+    add_rerank_args(parser)
+    add_runtime_args(parser)
+
+
+def parse_test_args(argv=None, description=None):
+    """test.py's arguments (runtime defaults filled in; dataset and data path may stay unset
+    until resolve_dataset reads the checkpoint)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_test_args(parser)
+    args = parser.parse_args(argv)
+    fill_runtime_defaults(args)
+    check_runtime_flags(args)
+    check_rerank_flags(args)
+    if args.dataset:
+        args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
+    return args
+
+
+def resolve_dataset(args):
+    """Without --dataset, take the dataset from the checkpoint (of the first trial tested), then
+    the default data path; returns a sentence saying how the dataset was told, or None."""
+    note = None
+    if args.dataset is None:
+        path = checkpoint_for_trial(args.resume, args.trial if str(args.trial).isdigit() else 1)
+        args.dataset, how = checkpoint_dataset(load_checkpoint(path), path, required=True)
+        note = f'dataset {args.dataset}: {how} (pass --dataset to override)'
+    args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
+    return note
+
+
+def run_test(args, device, ctx):
+    """test.py's whole run: resolve the dataset, run the protocol, and on the main process print
+    the tables, write the results file (default: beside the checkpoint) and print its provenance.
+    Returns the results record (None on the other processes)."""
+    note = resolve_dataset(args)
+    if note and ctx.is_main:
+        print(note)
+    check_test_inputs(args)
+    summaries, counts, models, reranked = run_protocol(args, device, ctx)
+    if not ctx.is_main:
+        return None
+    print(format_results(args.dataset, summaries, reranked, rerank_params(args)))
+    print(f'{counts["images"]} distinct test images, each passed once with its flip '
+          f'({counts["forward_passes"]} batches); running the released script once per setting '
+          f'would decode {counts["separate_extraction_images"]} images.')
+    record = results_record(args, summaries, counts, models, run_provenance(args, ctx, device))
+    if args.rerank:
+        record['reranked'] = {**rerank_record(rerank_params(args)), 'results': reranked}
+    output = results_path(args)
+    write_results(output, record)
+    print(format_provenance(record['provenance'],
+                            [(model['checkpoint'], model['provenance']) for model in models]))
+    print(f'results written to {output}')
+    return record
+
+
+def check_test_inputs(args):
+    """Before a model is loaded or an image decoded: the data folder, every test split of every
+    trial tested (index files, folders, images), the checkpoint of each RegDB split, and the
+    folders the results and features go to."""
+    layout = layout_of(args.dataset)
+    check_data_folder(args.data_path, args.dataset)
+    for group in trial_groups(args, layout):
+        check_torch_file(checkpoint_for_trial(args.resume, group[0]), 'resume')
+        splits = protocol_splits(layout, args.data_path, group, search_modes(args.mode),
+                                 args.multi_shot)
+        check_images_exist([lst for _, _, query, gallery in splits for lst in (query, gallery)],
+                           'test')
+        if args.save_features:
+            check_output_folder(os.path.dirname(os.path.abspath(
+                checkpoint_for_trial(args.save_features, group[0]))), 'save_features', 'features')
+    check_output_folder(os.path.dirname(os.path.abspath(results_path(args))), 'output',
+                        'the results file')
+
+
+def results_record(args, summaries, counts, models, made):
+    """The results file's content: what was tested and how (protocol, checkpoints with their
+    training provenance, this run's provenance), the summaries and the extraction counts."""
+    layout = layout_of(args.dataset)
+    trials = sorted({t for model in models for t in model['trials']})
+    protocol = {'trials': trials, 'multi_shot': bool(args.multi_shot), 'img_h': args.img_h,
+                'img_w': args.img_w, 'fusions': {name: list(w) for name, w in FUSIONS.items()},
+                'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot)
+                             for name in summaries}}
+    return {'format': RESULTS_FORMAT, 'dataset': args.dataset, 'data_path': args.data_path,
+            'checkpoint': args.resume, 'protocol': protocol, 'results': summaries,
+            'counts': counts, 'models': models, 'provenance': made}
+
+
+def results_path(args):
+    """--output, or <checkpoint without extension>_test.json ({trial} removed) beside it."""
+    stem = os.path.splitext(checkpoint_for_trial(args.resume, 'all'))[0]
+    return args.output or stem + '_test.json'
+
+
+def write_results(path, record):
+    """Write a results record (or any JSON-able dict) atomically: no reader sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    with open(tmp, 'w') as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def read_results(path):
+    """A results record written by write_results, or None when the file is missing or unreadable."""
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get('format') == RESULTS_FORMAT else None
+
+
+def format_results(dataset, summaries, reranked=None, params=None):
+    """The printable tables of every setting (a row per fusion); with reranked (summaries of the
+    re-ranked distances, made with params) each setting's re-ranked table follows its plain one,
+    and a footnote says how they were re-ranked."""
+    tables = []
+    for name, by_fusion in summaries.items():
+        trials = len(next(iter(by_fusion.values()))['mAP'][2])
+        tables.append(format_table(f'{dataset} {name}', by_fusion, trials) + '\n')
+        if reranked:
+            tables.append(format_table(f'{dataset} {name} {rerank_label(params)}', reranked[name],
+                                       trials) + '\n')
+    if reranked:
+        tables.append(rerank_footnote(params) + '\n')
+    return '\n'.join(tables)
+
+
+MODALITY_NAMES = {'visible': ('VIS', 'visible'), 'infrared': ('IR', 'infrared')}
+RELEASED_NAMES = {'released_vis_to_ir': ' (what the released test.py calls "VIS to IR")'}
+
+
+def describe_setting(layout, name, trials, multi_shot=False, fusion=None):
+    """The exact protocol of a setting in words: direction, search mode, what query and gallery
+    hold (single- or multi-shot), the stems, the trials and (when given) the fusion."""
+    facts = dataset_facts(layout)
+    direction = setting_direction(name)
+    (query_modality, query_draw), (gallery_modality, gallery_draw) = DIRECTION_PLANS[direction]
+    parts = [f'{MODALITY_NAMES[query_modality][0]}→{MODALITY_NAMES[gallery_modality][0]}'
+             + RELEASED_NAMES.get(direction, '')]
+    mode = name.split()[0] if layout == 'sysu' else 'all'
+    if layout == 'sysu':
+        parts.append(f'{mode}-search')
+    for role, modality, draw in (('query', query_modality, query_draw),
+                                 ('gallery', gallery_modality, gallery_draw)):
+        parts.append(f'{role}: {_describe_side(modality, draw, multi_shot, facts, mode)}')
+    if direction in OTHER_STEM_DIRECTIONS:
+        parts.append('each image through the other modality\'s stem (released test.py)')
+    if facts.trials is not None:
+        parts.append(f'{trials} split{"s" if trials != 1 else ""}, each with its own model')
+    else:
+        parts.append(f'{trials} gallery trial{"s" if trials != 1 else ""}')
+    if fusion:
+        parts.append(f'fusion {fusion}')
+    return '; '.join(parts)
+
+
+def _describe_side(modality, draw, multi_shot, facts, mode):
+    noun = MODALITY_NAMES[modality][1]
+    if draw == 'every' or facts.test_index is not None:
+        return f'every {noun} test image'
+    cameras = facts.indoor_cameras if modality == 'visible' and mode == 'indoor' else \
+        facts.cameras[modality]
+    shots = '10 random images' if multi_shot else 'one random image'
+    return (f'{shots} per identity and {noun} camera {", ".join(map(str, cameras))} '
+            f'({"multi" if multi_shot else "single"}-shot)')
+
+
+# ----------------------------------------------------------------------------------------------
+# k-reciprocal re-ranking (test.py --rerank): the re-ranked numbers go beside the plain ones
+
+def add_rerank_args(parser):
+    """--rerank and its parameters (the paper's values by default)."""
+    parser.add_argument('--rerank', action='store_true', help='also report every setting after '
+                        'k-reciprocal re-ranking (Zhong et al., CVPR 2017), in tables of its own')
+    parser.add_argument('--k1', type=int, help=f're-ranking: k of the k-reciprocal neighbours '
+                        f'(default {K1})')
+    parser.add_argument('--k2', type=int, help=f're-ranking: neighbours averaged by the local '
+                        f'query expansion (default {K2}; 1: none)')
+    parser.add_argument('--lambda', type=float, dest='lambda_value', help=f're-ranking: weight '
+                        f'of the original distance beside the Jaccard distance (default {LAMBDA})')
+
+
+def check_rerank_flags(args):
+    """--k1, --k2 and --lambda come with --rerank and are valid; fills in their defaults."""
+    given = [name for name, dest in (('--k1', 'k1'), ('--k2', 'k2'), ('--lambda', 'lambda_value'))
+             if getattr(args, dest) is not None]
+    if given and not args.rerank:
+        raise UserError(f'{", ".join(given)} set{"s" if len(given) == 1 else ""} the re-ranking; '
+                        f'add --rerank to use it.')
+    check_integer(args.k1, 'k1', 1)
+    check_integer(args.k2, 'k2', 1)
+    if args.lambda_value is not None and not 0 <= args.lambda_value <= 1:
+        raise UserError(f'--lambda must be a number from 0 to 1, got {args.lambda_value}.')
+    args.k1 = K1 if args.k1 is None else args.k1
+    args.k2 = K2 if args.k2 is None else args.k2
+    args.lambda_value = LAMBDA if args.lambda_value is None else args.lambda_value
+
+
+def rerank_params(args):
+    """The keyword arguments of rerank.k_reciprocal_rerank that the flags give."""
+    return {'k1': args.k1, 'k2': args.k2, 'lambda_value': args.lambda_value}
+
+
+def evaluate_store_reranked(store, layout, splits, params, fusions=FUSIONS):
+    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features, each
+    fused distance re-ranked with params (the dataset's matching rule applied afterwards, as for
+    the plain distances)."""
+    return evaluate_store(store, layout, splits, fusions, distance=functools.partial(
+        reranked_distance, params=params))
+
+
+def reranked_distance(query_features, gallery_features, weights, params):
+    """k-reciprocal re-ranked [Q, G] distances of a fusion. The original distance is the
+    Euclidean distance that the fused similarity s implies, sqrt(s(i,i) + s(j,j) - 2 s(i,j)) (the
+    features scaled by the square roots of the fusion weights): 0 from each image to itself, as
+    the re-ranking's Gaussian weighting expects (the fused distance itself is -s)."""
+    def similarity(first, second):
+        return -fused_distance(first, second, weights)
+
+    distances = distances_from_similarity(similarity(query_features, gallery_features),
+                                          similarity(query_features, query_features),
+                                          similarity(gallery_features, gallery_features))
+    return k_reciprocal_rerank(*distances, **params)
+
+
+def rerank_label(params):
+    """'re-ranked (k1=20, k2=6, lambda=0.3)': the title of the re-ranked tables."""
+    return f're-ranked (k1={params["k1"]}, k2={params["k2"]}, lambda={params["lambda_value"]:g})'
+
+
+def rerank_footnote(params):
+    """What the re-ranked tables are, under them (lines of at most 100 characters)."""
+    text = (f'{rerank_label(params)}: k-reciprocal re-ranking (Zhong et al., CVPR 2017) of each '
+            f'fused distance, the original distance being the Euclidean distance in the fused '
+            f'feature space. The neighbour sets are drawn from the query set and the gallery '
+            f'together (the standard use): each query\'s re-ranked distances depend on the other '
+            f'queries\' own neighbours, not only on the gallery.')
+    return textwrap.fill(text, 100)
+
+
+def rerank_record(params):
+    """How the re-ranked results in the results file were made."""
+    return {'k1': params['k1'], 'k2': params['k2'], 'lambda': params['lambda_value'],
+            'neighbours': 'query set and gallery together (the standard use)',
+            'original_distance': 'Euclidean distance in the fused feature space, '
+                                 'sqrt(s(i,i) + s(j,j) - 2 s(i,j)) of the fused similarity s'}

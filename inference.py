@@ -1,11 +1,14 @@
 """The inference layer every tool builds on: a checkpoint (ours, or a released DEEN/AGW `.t` file)
 -> an eval-ready model -> flip-TTA features of image lists (one forward pass per distinct image,
-sharded across torchrun processes) -> fused query-gallery distances; features saved and read back."""
+sharded across torchrun processes) -> fused query-gallery distances; features saved and read back;
+the small Python API over it (ReIDModel, rank_gallery, image_files)."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data_loader import TestImageSet
 from model import build_model, converted_state_dict, load_model_weights, method_of_state_dict
@@ -22,13 +25,17 @@ METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144)}
 # ----------------------------------------------------------------------------------------------
 # Checkpoint -> model
 
-def load_trained_model(path, dataset, device):
+def load_trained_model(path, dataset=None, device='cpu'):
     """Build the network a checkpoint describes and load its weights: our checkpoints carry their
-    method, trunk and image size; a released DEEN or AGW checkpoint (`{'net': state_dict, ...}`)
-    is told apart by its keys and takes its method's image size. Returns (model, info) with info
-    holding method, arch, img_h, img_w, num_classes, epoch and the training dataset (None for a
-    released checkpoint)."""
+    dataset, method, trunk and image size; a released DEEN or AGW checkpoint (`{'net':
+    state_dict, ...}`) is told apart by its keys, takes its method's image size, and its class
+    count names its dataset. `dataset` (None: the checkpoint's) is the test dataset. Returns
+    (model, info) with info holding method, arch, img_h, img_w, num_classes, epoch, the training
+    dataset (a released checkpoint's as its class count names it, else None), provenance (ours:
+    how it was trained, see provenance.py) and seed."""
     state = load_checkpoint(path)
+    trained_on, _ = checkpoint_dataset(state, path, required=dataset is None)
+    dataset = dataset or trained_on
     if state.get('format') == CHECKPOINT_FORMAT:
         from data_manager import layout_of
         if layout_of(state['dataset']) != layout_of(dataset):
@@ -37,16 +44,17 @@ def load_trained_model(path, dataset, device):
         info = {key: state[key] for key in ('method', 'img_h', 'img_w', 'num_classes', 'epoch',
                                             'dataset')}
         info['arch'] = state.get('arch', 'resnet50')
+        info['provenance'] = state.get('provenance')
+        info['seed'] = state.get('args', {}).get('seed')
         weights = state['model']
     else:
-        weights = state.get('net', state)
-        if not isinstance(weights, dict) or 'classifier.weight' not in converted_state_dict(weights):
-            raise UserError(f'checkpoint {path} holds no DEEN/AGW weights (no classifier.weight).')
+        weights = released_weights(state, path)
         method = method_of_state_dict(weights)
         height, width = METHOD_IMAGE_SIZE[method]
         info = {'method': method, 'arch': 'resnet50', 'img_h': height, 'img_w': width,
                 'num_classes': int(weights['classifier.weight'].shape[0]),
-                'epoch': state.get('epoch'), 'dataset': None}
+                'epoch': state.get('epoch'), 'dataset': trained_on, 'provenance': None,
+                'seed': None}
     model = build_model(info['method'], info['num_classes'], dataset, pretrained=None,
                         arch=info['arch'])
     try:
@@ -56,11 +64,36 @@ def load_trained_model(path, dataset, device):
     return model.to(device).eval(), info
 
 
+def released_weights(state, path):
+    """The state dict of a released checkpoint (`{'net': ...}` or a bare state dict)."""
+    weights = state.get('net', state)
+    if not isinstance(weights, dict) or 'classifier.weight' not in converted_state_dict(weights):
+        raise UserError(f'checkpoint {path} holds no DEEN/AGW weights (no classifier.weight).')
+    return weights
+
+
+def checkpoint_dataset(state, path=None, required=False):
+    """(dataset, how it was told) of a loaded checkpoint: ours records it; a released one's class
+    count names it (395 SYSU-MM01, 206 RegDB, 713 LLCM). (None, None) when neither tells, or with
+    `required` a UserError naming --dataset."""
+    from data_manager import dataset_of_class_count
+    if state.get('format') == CHECKPOINT_FORMAT:
+        return state['dataset'], 'recorded in the checkpoint'
+    count = int(released_weights(state, path)['classifier.weight'].shape[0])
+    dataset = dataset_of_class_count(count)
+    if dataset is None and required:
+        raise UserError(f'checkpoint {path} has {count} classes, which names none of SYSU-MM01 '
+                        f'(395), RegDB (206) or LLCM (713); pass --dataset.')
+    return (dataset, f'inferred from the released checkpoint\'s {count} classes') if dataset \
+        else (None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Images -> features
 
 class FeatureStore:
-    """Test features of distinct images. Per modality: the sorted paths, a path -> row index, the
+    """Test features of distinct images. Per modality stem the images passed through (their own
+    modality's, except in RegDB's released routing): the sorted paths, a path -> row index, the
     images' ids and cameras, and a tensor [N, 2, branches, D] holding the flip-summed
     L2-normalised (pooled, BNNeck) embeddings of each branch (DEEN: original, generated 1, 2)."""
 
@@ -77,10 +110,10 @@ class FeatureStore:
         self.images += len(paths)
 
     def select(self, image_list):
-        """The feature rows of a data_manager.ImageList, in its order."""
-        rows = self.rows[image_list.modality]
+        """The feature rows of a data_manager.ImageList (through its stem), in its order."""
+        rows = self.rows[image_list.stem]
         try:
-            return self.features[image_list.modality][[rows[p] for p in image_list.paths]]
+            return self.features[image_list.stem][[rows[p] for p in image_list.paths]]
         except KeyError as missing:
             raise UserError(f'the features hold no image {missing.args[0]}; they were extracted '
                             f'from another dataset or data folder.') from None
@@ -109,40 +142,77 @@ class FeatureStore:
         return store, content['meta']
 
 
-def extract_features(model, image_lists, args, device, ctx=None):
+def extract_features(model, image_lists, args, device, ctx=None, progress=False):
     """Pass each distinct image of image_lists (and its horizontal flip, in the same batch)
     through the network once; under torchrun each process takes every world_size-th image and
     the results are gathered on all processes. args gives img_h, img_w, test_batch, workers,
-    amp and channels_last."""
+    amp and channels_last; progress shows a progress bar per modality on the main process."""
     ctx = ctx or DistContext()
     store = FeatureStore()
     model.eval()
-    for modality in sorted({lst.modality for lst in image_lists}):
-        labels = {p: (pid, cam) for lst in image_lists if lst.modality == modality
+    for modality in sorted({lst.stem for lst in image_lists}):  # the stem the images pass through
+        labels = {p: (pid, cam) for lst in image_lists if lst.stem == modality
                   for p, pid, cam in zip(lst.paths, lst.pids.tolist(), lst.camids.tolist())}
         paths = sorted(labels)
         mine = paths[ctx.rank::ctx.world_size]
-        features, passes = embed_images(model, modality, mine, args, device)
+        features, passes = embed_images(model, modality, mine, args, device,
+                                        progress=progress and ctx.is_main)
         store.add(modality, paths, _gather_strided(features, len(paths), ctx),
                   [labels[p][0] for p in paths], [labels[p][1] for p in paths])
         store.forward_passes += passes * ctx.world_size
     return store
 
 
-def embed_images(model, modality, paths, args, device):
-    """(features [N, 2, branches, D], batches) of image files through one modality's stem."""
-    loader = torch.utils.data.DataLoader(TestImageSet(paths, args.img_h, args.img_w),
-                                         batch_size=args.test_batch, num_workers=args.workers,
-                                         pin_memory=device.type == 'cuda')
+def embed_images(model, modality, paths, args, device, progress=False, unreadable=None):
+    """(features [N, 2, branches, D], batches) of image files (or PIL images) through one
+    modality's stem; progress shows a progress bar of the batches. unreadable: a list to which
+    the indices of images that cannot be decoded are appended, leaving them out of the features
+    (without it such an image raises UserError)."""
+    images = TestImageSet(paths, args.img_h, args.img_w)
+    if unreadable is not None:
+        images = _SkippingUnreadable(images)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.test_batch,
+                                         num_workers=args.workers,
+                                         pin_memory=device.type == 'cuda',
+                                         collate_fn=getattr(images, 'collate', None))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     chunks = []
     with torch.inference_mode():
-        for images in loader:
+        for images in tqdm(loader, desc=f'{modality} features', unit='batch', disable=not progress,
+                           leave=False):
+            if unreadable is not None:
+                images, failed = images
+                unreadable.extend(failed)
+                if images is None:
+                    continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             chunks.append(embed_batch(model, modality, images, args.amp, device))
     if not chunks:
         return torch.zeros(0, 2, model.num_branches, model.embed_dim, device=device), 0
     return torch.cat(chunks), len(chunks)
+
+
+class _SkippingUnreadable(torch.utils.data.Dataset):
+    """A TestImageSet that skips images it cannot decode: its batches are (images, or None when
+    none decoded, [indices of the images that failed])."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        try:
+            return index, self.images[index]
+        except Exception:  # noqa: BLE001  (image decoders raise many types on malformed files)
+            return index, None
+
+    @staticmethod
+    def collate(items):
+        decoded = [image for _, image in items if image is not None]
+        failed = [index for index, image in items if image is None]
+        return (torch.stack(decoded) if decoded else None), failed
 
 
 def embed_batch(model, modality, images, amp='off', device=None):
@@ -152,7 +222,7 @@ def embed_batch(model, modality, images, amp='off', device=None):
     with autocast_context(device or images.device, amp):
         pool, feat = model(**{modality: torch.cat([images, images.flip(3)])})
     both = torch.stack([pool.float(), feat.float()], dim=1)     # [k*2B, 2, D]
-    both = both.reshape(branches, 2, len(images), 2, -1).sum(1)  # [k, B, 2, D], flips summed
+    both = both.reshape(branches, 2, images.shape[0], 2, -1).sum(1)  # [k, B, 2, D], flips summed
     return both.permute(1, 2, 0, 3)                              # [B, 2, k, D]
 
 
@@ -180,3 +250,72 @@ def fused_distance(query_features, gallery_features, weights):
     branches of w_pool * <pool> + w_feat * <feat>; weights is a FUSIONS value."""
     scale = query_features.new_tensor(weights).view(1, 2, 1, 1)
     return -(query_features * scale).flatten(1) @ gallery_features.flatten(1).T
+
+
+# ----------------------------------------------------------------------------------------------
+# The Python API (README "Python API"), also what search.py runs on: ReIDModel.load(checkpoint),
+# .embed(images, modality), rank_gallery(query, gallery), image_files(folder)
+
+# Suffixes (any letter case) of the files image_files lists: the formats Pillow decodes that
+# cameras and datasets use.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm',
+                    '.pgm', '.pnm')
+
+
+def image_files(folder):
+    """Every image file (an IMAGE_EXTENSIONS suffix) under folder, recursively, sorted; files and
+    folders whose names start with '.' (hidden, caches) are skipped."""
+    if not os.path.isdir(folder):
+        raise UserError(f'{folder} is not a folder; expected a folder of images.')
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith('.')]
+        found += [os.path.join(root, name) for name in files
+                  if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+class ReIDModel:
+    """A trained DEEN/AGW network with test.py's test-time settings. `model` is the eval-mode
+    network, `info` what load_trained_model tells of the checkpoint, `settings` the image size,
+    images per forward pass (batch_size), data-loading processes (workers), amp and
+    channels_last that embed uses."""
+
+    def __init__(self, model, info, device, img_h=None, img_w=None, batch_size=64, workers=0,
+                 amp='off', channels_last=False):
+        self.model, self.info, self.device = model, info, torch.device(device)
+        self.settings = SimpleNamespace(img_h=img_h or info['img_h'], img_w=img_w or info['img_w'],
+                                        test_batch=batch_size, workers=workers, amp=amp,
+                                        channels_last=channels_last)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, checkpoint, dataset=None, device=None, **settings):
+        """The model of a checkpoint (ours, or a released DEEN/AGW `.t` file; dataset only when
+        its class count does not name it) on device (default: CUDA when available, else CPU)."""
+        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        model, info = load_trained_model(checkpoint, dataset, device)
+        return cls(model, info, device, **settings)
+
+    def embed(self, images, modality, progress=False, unreadable=None):
+        """Features [N, 2, branches, D] of image files or PIL images of one modality ('visible'
+        or 'infrared'), computed as test.py does: resized to the checkpoint's size, through the
+        modality's stem, flip-summed L2-normalised (pooled, BNNeck) embeddings per branch.
+        progress and unreadable as in embed_images."""
+        from data_manager import MODALITIES
+        if modality not in MODALITIES:
+            raise UserError(f'modality must be one of {", ".join(MODALITIES)}, got {modality!r}.')
+        return embed_images(self.model, modality, list(images), self.settings, self.device,
+                            progress=progress, unreadable=unreadable)[0]
+
+
+def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None):
+    """(order, distances), each [Q, k]: for every query the gallery rows nearest first (ties in
+    gallery order) and their fused distances under a FUSIONS name; k = topk, or all rows."""
+    if fusion not in FUSIONS:
+        raise UserError(f'fusion must be one of {", ".join(FUSIONS)}, got {fusion!r}.')
+    distances = fused_distance(query_features, gallery_features.to(query_features.device),
+                               FUSIONS[fusion])
+    distances, order = distances.sort(dim=1, stable=True)
+    return order[:, :topk], distances[:, :topk]

@@ -4,10 +4,8 @@ The trunk is torchvision's ResNet-50 as in the paper; ResNet-18/34 (`--arch`) gi
 networks of the same design, with every width taken from the trunk's stages."""
 import copy
 import os
-import pickle
 import re
 import urllib.error
-import zipfile
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,7 +15,7 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 from loss import orthogonal_loss
-from utils import UserError
+from utils import UserError, flag, load_checkpoint
 
 
 class TrainOutput(NamedTuple):
@@ -115,7 +113,8 @@ def check_even_positions(count):
     """PNL's released reshape splits a map's positions in two halves: their number must be even."""
     if count % 2:
         raise UserError(f'the image size gives an odd number ({count}) of feature-map positions at an '
-                        f'MFA block; use --img-h/--img-w giving even position counts, e.g. 384x144.')
+                        f'MFA block; use {flag("img_h")} / {flag("img_w")} giving even position '
+                        f'counts, e.g. 384 x 144.')
 
 
 class CNL(nn.Module):
@@ -411,7 +410,7 @@ def backbone_state_dict(pretrained, arch):
         return None
     if str(pretrained).lower() == 'imagenet':
         return imagenet_state_dict(arch)
-    return read_state_dict_file(pretrained, f'--pretrained {pretrained}', arch)
+    return read_state_dict_file(pretrained, f'{flag("pretrained")} file')
 
 
 def imagenet_state_dict(arch='resnet50'):
@@ -431,24 +430,17 @@ def imagenet_state_dict(arch='resnet50'):
                             f'{os.path.basename(url)} (from {url}) into {folder}, or pass '
                             f'--pretrained <path to a torchvision {arch} state dict> or '
                             f'--pretrained none.') from None
-    return read_state_dict_file(path, f'the ImageNet weights {path}', arch)
+    return read_state_dict_file(path, 'the ImageNet weights file')
 
 
-def read_state_dict_file(path, what, arch='resnet50'):
-    """torch.load(path, weights_only=True) with one-sentence errors."""
-    if not os.path.isfile(path):
-        raise UserError(f'{what} does not exist; pass --pretrained imagenet, none, or the path of a '
-                        f'torchvision {arch} state dict.')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
-            zipfile.BadZipFile) as error:
-        raise UserError(f'{what} is not a readable weights-only PyTorch file '
-                        f'({str(error).splitlines()[0][:200]}).') from None
+def read_state_dict_file(path, what):
+    """The state dict in a weights-only torch file (utils.load_checkpoint: one-sentence errors
+    naming `what` and the path)."""
+    state = load_checkpoint(path, what)
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
     if not isinstance(state, dict):
-        raise UserError(f'{what} holds a {type(state).__name__}, not a state dict.')
+        raise UserError(f'{what} {path} holds a {type(state).__name__}, not a state dict.')
     return state
 
 

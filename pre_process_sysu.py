@@ -3,6 +3,7 @@ ids) resized to 144x384 as uint8 arrays, labels relabelled 0..N-1."""
 import argparse
 import sys
 
+from checks import check_cache_build, check_data_folder, check_integer
 from data_loader import load_or_build_cache
 from data_manager import MODALITIES, train_image_lists
 from utils import run_main
@@ -16,10 +17,16 @@ def main(argv=None):
     parser.add_argument('--img_w', type=int, default=144)
     parser.add_argument('--workers', type=int, default=4)
     args = parser.parse_args(argv)
+    args.cache_dir = args.cache_dir or args.data_path
+    for dest in ('img_h', 'img_w'):
+        check_integer(getattr(args, dest), dest, 1)
+    check_integer(args.workers, 'workers', 0)
+    check_data_folder(args.data_path, 'sysu')
     lists = train_image_lists('sysu', args.data_path)
+    size = (args.img_w, args.img_h)
+    check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
     for modality in MODALITIES:
-        images, labels = load_or_build_cache(lists[modality], args.cache_dir or args.data_path,
-                                             (args.img_w, args.img_h), args.workers)
+        images, labels = load_or_build_cache(lists[modality], args.cache_dir, size, args.workers)
         print(f'{modality}: {len(labels)} images of {len(set(labels.tolist()))} identities, '
               f'array {images.shape}')
     return 0

@@ -13,16 +13,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checks import (check_cache_build, check_data_folder, check_free_space, check_image_size,
+                    check_images_exist, check_integer, check_output_folder, check_real,
+                    check_resume_state, check_runtime_flags, check_torch_file, checkpoint_estimate,
+                    checkpoint_space, peek_checkpoint)
 from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import BACKBONES, build_model, load_model_weights, uses_pretrained
-from evaluation import selection_rank1
+from evaluation import selection_rank1, selection_split
 from inference import CHECKPOINT_FORMAT
+from provenance import run_provenance
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
-                   autocast_context, epoch_seed, fill_runtime_defaults, load_checkpoint, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logger,
-                   setup_runtime)
+                   autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
+                   load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                   setup_logger, setup_runtime)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
@@ -112,14 +117,24 @@ def resolve_defaults(args):
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     args.cache_dir = args.cache_dir or args.data_path
     fill_runtime_defaults(args)
-    if args.trial != 'all' and not (args.trial.isdigit() and 1 <= int(args.trial) <= 10):
-        raise UserError(f'--trial must be a RegDB split 1..10 or "all", got {args.trial!r}.')
-    for name in ('batch_size', 'num_pos', 'epochs', 'img_h', 'img_w', 'test_batch'):
-        if getattr(args, name) < 1:
-            raise UserError(f'--{name.replace("_", "-")} must be a positive integer.')
-    if args.lr <= 0:
-        raise UserError('--lr must be positive.')
+    check_training_flags(args)
     return args
+
+
+def check_training_flags(args):
+    """Every numeric flag finite and in its range, once the recipe has filled the unset ones."""
+    if args.trial != 'all' and not (args.trial.isdigit() and 1 <= int(args.trial) <= 10):
+        raise UserError(f'{flag("trial")} must be a RegDB split 1..10 or "all", got {args.trial!r}.')
+    for dest in ('batch_size', 'num_pos', 'epochs', 'img_h', 'img_w', 'max_steps'):
+        check_integer(getattr(args, dest), dest, 1)
+    for dest in ('warmup', 'eval_every', 'seed'):
+        check_integer(getattr(args, dest), dest, 0)
+    for step in args.lr_steps:
+        check_integer(step, 'lr_steps', 0)
+    check_real(args.lr, 'lr', positive=True)
+    for dest in ('lambda_1', 'lambda_2', 'margin'):
+        check_real(getattr(args, dest), dest)
+    check_runtime_flags(args)
 
 
 def learning_rate(base_lr, epoch, warmup, steps):
@@ -181,11 +196,12 @@ class Trainer:
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
         self.layout = layout_of(args.dataset)
-        self.last_path = os.path.join(args.model_path, self.name + '_last.pth')
-        self.best_path = os.path.join(args.model_path, self.name + '_best.pth')
-        self.loader, self.sampler, num_classes = self._build_data()
-        self.num_classes = num_classes
+        self.provenance = run_provenance(args, ctx, device)  # recorded in every checkpoint
+        self.best_path, self.last_path = checkpoint_paths(args, trial)
+        lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
+        self.num_classes = num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
+        # the network and its pretrained weights first: a download failure costs no cache build
         model = build_model(args.method, num_classes, args.dataset, pretrained=args.pretrained,
                             arch=args.arch)
         model.to(device)
@@ -200,20 +216,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_step = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
+        self.resumed_rng = self.resumed_progress = self.pending_record = None
+        self.saved = None  # (path, epoch, step) of the last checkpoint this run wrote
         if args.resume:
-            self._resume(self._resume_path())
+            self._resume(resume_path(args, self.last_path))
+        self.loader, self.sampler = self._build_data(lists)
         self.train_model = self._wrap(model)
         self.writer = self._tensorboard()
 
     # -- setup ------------------------------------------------------------------------------
-    def _build_data(self):
+    def _build_data(self, lists):
         args, ctx = self.args, self.ctx
-        if args.dataset == 'demo':
-            from tools.synthetic_data import make_demo_dataset
-            if ctx.is_main:
-                make_demo_dataset(args.data_path)
-            self._barrier()
-        lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
         size = (args.img_w, args.img_h)
         if ctx.is_main:  # one process builds the cache, the others wait and read it
             for modality in MODALITIES:
@@ -221,19 +234,20 @@ class Trainer:
         self._barrier()
         caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
                   for m in MODALITIES]
-        num_classes = int(max(labels.max() for _, labels in caches)) + 1
         transform = train_transform(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad)
         dataset = CrossModalTrainSet(*caches, transform)
         sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                                   seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
+        # its own generator: creating the workers draws nothing from the training process's RNG
+        self.loader_generator = torch.Generator()
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
             num_workers=args.workers, pin_memory=self.device.type == 'cuda', drop_last=False,
-            persistent_workers=False)
-        self.log.info(f'{self.name}: {num_classes} identities, {len(caches[0][1])} visible and '
+            persistent_workers=False, generator=self.loader_generator)
+        self.log.info(f'{self.name}: {self.num_classes} identities, {len(caches[0][1])} visible and '
                       f'{len(caches[1][1])} infrared training images, {sampler.steps} steps/epoch '
                       f'on {ctx.world_size} process(es)')
-        return loader, sampler, num_classes
+        return loader, sampler
 
     def _wrap(self, model):
         if self.ctx.enabled:
@@ -256,9 +270,6 @@ class Trainer:
         if self.ctx.enabled:
             dist.barrier()
 
-    def _resume_path(self):
-        return self.last_path if self.args.resume == 'last' else self.args.resume
-
     def _resume(self, path):
         state = load_checkpoint(path)
         if state.get('format') != CHECKPOINT_FORMAT:  # released DEEN checkpoint: weights only
@@ -267,12 +278,7 @@ class Trainer:
             self.log.info(f'initialised from released checkpoint {path}; optimiser and schedule '
                           f'start fresh at epoch {self.start_epoch}')
             return
-        expected = {'dataset': self.args.dataset, 'method': self.args.method,
-                    'arch': self.args.arch, 'num_classes': self.num_classes}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise UserError(f'checkpoint {path} was trained with {key} {state.get(key)!r}, '
-                                f'but this run has {key} {value!r}.')
+        check_resume_state(state, path, self.args, self.num_classes)
         load_model_weights(self.model, state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
@@ -280,13 +286,25 @@ class Trainer:
         self.start_epoch, self.start_step = state['epoch'], state['step']
         if self.start_step == 0:
             self.start_epoch += 1
-        self.resumed_rng = state['rng'] if state['rng'].get('world_size') == self.ctx.world_size else None
+        else:  # an interrupted epoch: its RNG state and its losses so far continue
+            same_processes = state['rng'].get('world_size') == self.ctx.world_size
+            self.resumed_rng = state['rng'] if same_processes else None
+            self.resumed_progress = state.get('epoch_progress')
+        self.pending_record = state.get('evaluation_pending')
+        self.saved = (path, state['epoch'], state['step'])
         self.log.info(f'resumed {path}: epoch {self.start_epoch}, step {self.start_step}')
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _state(self, epoch, step, metrics=None):
+    def _state(self, epoch, step, metrics=None, progress=None, pending=None):
+        """The checkpoint after `step` steps of `epoch` (step 0: after the whole epoch). Where the
+        run stands: 'epoch' / 'step', the sampler's position ('sampler', the next global batch)
+        and the training process's RNG states ('rng'); the data pipeline's draws are functions of
+        the sampler's position (IdentitySampler.sample_seeds). Mid-epoch, 'epoch_progress' holds
+        the epoch's loss sums and counts so far; 'evaluation_pending' holds the history record
+        of an epoch saved before its evaluation, which a resumed run evaluates first."""
         rng = rng_state()
         rng['world_size'] = self.ctx.world_size
+        position = (epoch, step) if step else (epoch + 1, 0)
         return {
             'format': CHECKPOINT_FORMAT, 'version': __version__,
             'dataset': self.args.dataset, 'method': self.args.method, 'arch': self.args.arch,
@@ -294,83 +312,127 @@ class Trainer:
             'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
-            'sampler': {'seed': self.args.seed, 'epoch': epoch, 'step': step},
+            'sampler': self.sampler.state_dict(*position),
             'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch, 'rng': rng,
+            'epoch_progress': progress, 'evaluation_pending': pending,
             'metrics': metrics or {}, 'args': plain_args(self.args),
+            'provenance': self.provenance,
         }
 
     def _save(self, path, state):
+        """Write a checkpoint (main process), never one holding NaN or infinite weights."""
+        if not finite_weights(self.model):
+            raise TrainingDiverged(f'the weights became NaN or infinite in epoch {state["epoch"]}; '
+                                   f'{self._last_good()}.')
         if self.ctx.is_main:
             save_checkpoint(state, path)
+        if path == self.last_path:
+            self.saved = (path, state['epoch'], state['step'])
+
+    def _last_good(self):
+        """Which checkpoint a diverged run leaves, as a phrase."""
+        if self.saved is not None:
+            path, epoch, step = self.saved
+            where = f'after epoch {epoch}' if step == 0 else f'at epoch {epoch}, step {step}'
+            return f'the last good checkpoint is {path} ({where})'
+        if os.path.isfile(self.last_path):
+            return f'this run saved no checkpoint and left {self.last_path} as it was'
+        return 'this run saved no checkpoint'
 
     # -- loop -------------------------------------------------------------------------------
     def fit(self, stop):
         args = self.args
+        if self.pending_record is not None:  # trained and saved; its evaluation did not finish
+            record, self.pending_record = self.pending_record, None
+            if args.eval_every:
+                self._evaluate_and_report(record)
+            else:
+                self._report(record, None)
         for epoch in range(self.start_epoch, args.epochs):
             start_step = self.start_step if epoch == self.start_epoch else 0
             self._seed_epoch(epoch, start_step)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
-            started = time.time()
-            losses = self._train_epoch(epoch, start_step, lr, stop)
-            train_seconds = time.time() - started
-            metrics = self._evaluate(epoch)
-            state = self._state(epoch, 0, metrics)
-            if metrics and metrics['rank1'] > self.best_rank1:
-                self.best_rank1, self.best_epoch = metrics['rank1'], epoch
-                state.update(best_rank1=self.best_rank1, best_epoch=epoch)
-                self._save(self.best_path, state)
-            self._save(self.last_path, state)
-            self._report(epoch, lr, losses, metrics, train_seconds)
+            losses, train_seconds = self._train_epoch(epoch, start_step, stop)
+            record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
+            if self._evaluation_due(epoch):
+                # saved before it is evaluated: an evaluation that fails costs no training
+                self._save(self.last_path, self._state(epoch, 0, pending=record))
+                self._evaluate_and_report(record)
+            else:
+                self._save(self.last_path, self._state(epoch, 0))
+                self._report(record, None)
         if self.best_epoch < 0:  # never evaluated: the final weights are the selection
             self._save(self.best_path, self._state(args.epochs - 1, 0))
         return self.best_rank1
 
+    def _evaluation_due(self, epoch):
+        every = self.args.eval_every
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.args.epochs)
+
+    def _evaluate_and_report(self, record):
+        """Evaluate the epoch of `record`, keep `best`, re-write `last` with the metrics, report."""
+        epoch = record['epoch']
+        metrics = self._evaluate()
+        if metrics['rank1'] > self.best_rank1:
+            self.best_rank1, self.best_epoch = metrics['rank1'], epoch
+            self._save(self.best_path, self._state(epoch, 0, metrics))
+        self._save(self.last_path, self._state(epoch, 0, metrics))
+        self._report(record, metrics)
+
     def _seed_epoch(self, epoch, start_step):
-        resumed = getattr(self, 'resumed_rng', None)
-        if resumed is not None and start_step > 0:
-            set_rng_state(resumed)  # continue the interrupted epoch where it stopped
+        if self.resumed_rng is not None and start_step > 0:
+            set_rng_state(self.resumed_rng)  # continue the interrupted epoch where it stopped
         else:
             seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank))
         self.resumed_rng = None
+        self.loader_generator.manual_seed(epoch_seed(self.args.seed, epoch, self.ctx.rank))
         self.sampler.set_epoch(epoch, start_step)
 
-    def _train_epoch(self, epoch, start_step, lr, stop):
+    def _train_epoch(self, epoch, start_step, stop):
+        """Train steps start_step.. of epoch; returns ({term: mean loss}, seconds), counting what
+        an interrupted run trained before start_step."""
         args, device = self.args, self.device
         self.train_model.train()
-        meters = {}
+        progress = self.resumed_progress if start_step else None
+        progress = progress or {'meters': {}, 'train_seconds': 0.0}
+        self.resumed_progress = None
+        meters = {name: AverageMeter.resumed(total, count)
+                  for name, (total, count) in progress['meters'].items()}
+        started = time.time()
         total = self.sampler.steps if args.max_steps is None else min(self.sampler.steps, args.max_steps)
-        bar = tqdm(total=total, initial=start_step, desc=f'epoch {epoch}', leave=False,
-                   disable=not self.ctx.is_main, dynamic_ncols=True)
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, start_step):
-            if step >= total:
-                break
-            visible = visible.to(device, non_blocking=True, memory_format=memory_format)
-            infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
-            labels = torch.cat([visible_labels, infrared_labels]).to(device, non_blocking=True)
-            with autocast_context(device, args.amp):
-                loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
-            values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
-                                                             for v in parts.values()] +
-                                  [torch.tensor(float(stop.requested), device=device)])
-            if not math.isfinite(values[0]):
-                raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
-                                       f'the last good checkpoint is {self.last_path}.')
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            for name, value in zip(['loss', *parts], values):
-                meters.setdefault(name, AverageMeter()).update(value)
-            bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
-            bar.update()
-            if values[-1] > 0:  # some process was asked to stop: all stop after this step
-                self._save(self.last_path, self._state(epoch, step + 1))
-                bar.close()
-                raise Interrupted(epoch)
-        bar.close()
-        return {name: m.avg for name, m in meters.items()}
+        with tqdm(total=total, initial=start_step, desc=f'epoch {epoch}', leave=False,
+                  disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
+            for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, start_step):
+                if step >= total:
+                    break
+                visible = visible.to(device, non_blocking=True, memory_format=memory_format)
+                infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
+                labels = torch.cat([visible_labels, infrared_labels]).to(device, non_blocking=True)
+                with autocast_context(device, args.amp):
+                    loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
+                values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
+                                                                 for v in parts.values()] +
+                                      [torch.tensor(float(stop.requested), device=device)])
+                if not math.isfinite(values[0]):
+                    raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
+                                           f'{self._last_good()}.')
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                for name, value in zip(['loss', *parts], values):
+                    meters.setdefault(name, AverageMeter()).update(value)
+                bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
+                bar.update()
+                if values[-1] > 0:  # some process was asked to stop: all stop after this step
+                    progress = {'meters': {name: [m.sum, m.count] for name, m in meters.items()},
+                                'train_seconds': progress['train_seconds'] + time.time() - started}
+                    self._save(self.last_path, self._state(epoch, step + 1, progress=progress))
+                    raise Interrupted(epoch)
+        seconds = progress['train_seconds'] + time.time() - started
+        return {name: m.avg for name, m in meters.items()}, seconds
 
     def _reduce(self, values):
         """Mean over processes of the step's scalars (the stop flag is summed)."""
@@ -380,10 +442,8 @@ class Trainer:
             stacked[:-1] /= self.ctx.world_size
         return stacked.tolist()
 
-    def _evaluate(self, epoch):
+    def _evaluate(self):
         args = self.args
-        if not args.eval_every or ((epoch + 1) % args.eval_every and epoch + 1 != args.epochs):
-            return None
         start = time.time()
         if self.ctx.enabled:  # BN statistics differ per process (each saw its own batches): use rank 0's
             for buffer in self.model.buffers():
@@ -393,12 +453,13 @@ class Trainer:
         metrics['seconds'] = time.time() - start
         return metrics
 
-    def _report(self, epoch, lr, losses, metrics, train_seconds):
-        """The epoch's line in the log, its record in the history file, TensorBoard scalars."""
+    def _report(self, record, metrics):
+        """The epoch's line in the log, its record in the history file, TensorBoard scalars.
+        record: epoch, lr, losses, train_seconds."""
+        epoch, lr, losses = record['epoch'], record['lr'], record['losses']
         if self.ctx.is_main:
             append_history(history_path(self.args.log_path, self.name),
-                           {'epoch': epoch, 'lr': lr, 'losses': losses, 'metrics': metrics,
-                            'train_seconds': train_seconds, 'time': time.time()})
+                           {**record, 'metrics': metrics, 'time': time.time()})
         text = ' '.join(f'{name} {value:.4f}' for name, value in losses.items())
         line = f'{self.name} epoch {epoch} lr {lr:.4g} {text}'
         if metrics:
@@ -445,10 +506,93 @@ def trials_to_run(args):
     return list(range(1, 11)) if args.trial == 'all' else [int(args.trial)]
 
 
+def checkpoint_paths(args, trial):
+    """(best, last) checkpoint paths of one run."""
+    name = run_name(args, trial)
+    return (os.path.join(args.model_path, name + '_best.pth'),
+            os.path.join(args.model_path, name + '_last.pth'))
+
+
+def identity_count(lists):
+    """Classes of the identity classifier: the training labels are 0..N-1 in both modalities."""
+    return int(lists['visible'].pids.max()) + 1
+
+
+def resume_path(args, last_path):
+    """The checkpoint --resume names ("last": the run's own `last`)."""
+    return last_path if args.resume == 'last' else args.resume
+
+
+def finite_weights(model):
+    """Whether every floating-point weight and buffer of model is finite."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def prepare_demo_data(args, ctx):
+    """Generate the demo dataset under --data-path once (main process; the others wait)."""
+    from tools.synthetic_data import DEMO_MARKER, make_demo_dataset
+    if args.dataset != 'demo' or os.path.isfile(os.path.join(args.data_path, DEMO_MARKER)):
+        return
+    check_output_folder(args.data_path, 'data_path', 'the generated demo dataset')
+    if ctx.is_main:
+        make_demo_dataset(args.data_path)
+    if ctx.enabled:
+        dist.barrier()
+
+
+def check_evaluation_data(layout, data_path, trial, mode):
+    """The test images that the evaluation during training reads exist (found before an epoch
+    is spent, not after it)."""
+    try:
+        _, query, gallery = selection_split(layout, data_path, trial, mode)
+    except UserError as error:
+        raise UserError(f'{first_sentence(error)}; the evaluation during training needs it '
+                        f'({flag("eval_every")} 0 trains without evaluating).') from None
+    check_images_exist([query, gallery], 'test')
+
+
+def check_run(args, ctx):
+    """Everything the run will read or write, checked before a cache, a model or an epoch is
+    built: the data (index files, identities in both modalities, the test images the evaluation
+    reads), --resume, --pretrained, the image size, and the output folders with room for the
+    checkpoints and the cache. Raises UserError naming the flag."""
+    check_data_folder(args.data_path, args.dataset)
+    check_output_folder(args.log_path, 'log_path', 'logs')
+    check_output_folder(args.model_path, 'model_path', 'checkpoints')
+    if uses_pretrained(args.pretrained) and args.pretrained.lower() != 'imagenet':
+        check_torch_file(args.pretrained, 'pretrained')
+    layout, size = layout_of(args.dataset), (args.img_w, args.img_h)
+    files, network = [], None
+    for trial in trials_to_run(args):
+        lists = train_image_lists(layout, args.data_path, trial=trial)
+        IdentitySampler(lists['visible'].pids, lists['infrared'].pids, args.batch_size,
+                        args.num_pos, world_size=ctx.world_size)  # enough identities per step
+        num_classes = identity_count(lists)
+        if args.eval_every:
+            check_evaluation_data(layout, args.data_path, trial, args.mode)
+        network = network or check_image_size(args, args.method, num_classes, args.dataset)
+        best, last = checkpoint_paths(args, trial)
+        if args.resume == 'last' and not os.path.exists(last):
+            raise UserError(f'{flag("resume")} last: there is no {last} to continue from; run '
+                            f'without {flag("resume")} to start, or pass the {flag("model_path")} '
+                            f'of the run to continue.')
+        if args.resume:
+            path = resume_path(args, last)
+            check_resume_state(peek_checkpoint(path, 'resume'), path, args, num_classes, args.epochs)
+        check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
+        files += [best, last]
+    needed = checkpoint_space(files, checkpoint_estimate(network, args.optim))
+    check_free_space(args.model_path, 'model_path', needed, 'the checkpoints of this run')
+
+
 def main(argv=None):
     args = parse_args(argv)
+    joined = dist.is_initialized()  # a caller's process group (reproduce.py) is left to the caller
     device, ctx = setup_runtime(args)
     try:
+        prepare_demo_data(args, ctx)
+        check_run(args, ctx)
         with StopRequest() as stop:
             for trial in trials_to_run(args):
                 name = run_name(args, trial)
@@ -458,15 +602,17 @@ def main(argv=None):
                 logger.info(f'{name} on {device} x{ctx.world_size}: ' + ' '.join(sys.argv[1:]))
                 trainer = Trainer(args, trial, ctx, device, logger)
                 best = trainer.fit(stop)
-                logger.info(f'{name} done: best Rank-1 {best:.2%} at epoch {trainer.best_epoch}; '
-                            f'checkpoints {trainer.best_path}, {trainer.last_path}')
+                selection = (f'best Rank-1 {best:.2%} at epoch {trainer.best_epoch}'
+                             if trainer.best_epoch >= 0 else 'not evaluated, best = last')
+                logger.info(f'{name} done: {selection}; checkpoints {trainer.best_path}, '
+                            f'{trainer.last_path}')
     except Interrupted:
         if ctx.is_main:
             print(f'interrupted: saved {trainer.last_path}; continue with the same command plus '
                   f'--resume {trainer.last_path}', file=sys.stderr)
         return 130
     finally:
-        if ctx.enabled and dist.is_initialized():
+        if ctx.enabled and not joined and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

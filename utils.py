@@ -2,12 +2,14 @@
 meters, logging, the run-time setup (device, distributed context, autocast, runtime flags) and
 checkpoint I/O (atomic, weights-only)."""
 import contextlib
+import errno
 import glob
 import logging
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -24,13 +26,37 @@ class UserError(Exception):
     says what was expected and where. The scripts print it without a stack trace and exit 2."""
 
 
+# The flags kept from the released code with underscores, and the flags whose dest is not their
+# name; every other flag spells its argparse dest with '-' for '_'. tests/test_messages.py holds
+# this equal to every script's parser.
+UNDERSCORE_FLAGS = frozenset({'img_h', 'img_w', 'num_pos', 'model_path', 'log_path', 'lambda_1',
+                              'lambda_2'})
+RENAMED_FLAGS = {'lambda_value': '--lambda'}  # `lambda` is a Python keyword
+
+
+def flag(dest):
+    """The option string of an argparse dest as the parsers spell it: 'img_h' -> '--img_h',
+    'batch_size' -> '--batch-size'. Every message that names a flag names it through this."""
+    if dest in RENAMED_FLAGS:
+        return RENAMED_FLAGS[dest]
+    return '--' + (dest if dest in UNDERSCORE_FLAGS else dest.replace('_', '-'))
+
+
 def run_main(main_fn):
     """Run a script's main(), turning UserError into one line on stderr and exit status 2."""
     try:
         return main_fn()
     except UserError as error:
+        end_progress_bars()
         print(f'error: {user_message(error)}', file=sys.stderr)
         return 2
+
+
+def end_progress_bars():
+    """Close every open tqdm bar, so that what is printed next starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, '_instances', ())):
+        bar.close()
 
 
 def user_message(error):
@@ -97,7 +123,8 @@ def _to_tuples(value):
 # Identity-balanced cross-modal sampling
 
 class IdentitySampler(torch.utils.data.Sampler):
-    """Yields (visible index, infrared index) pairs in batches of P identities x K images.
+    """Yields (visible index, infrared index, augmentation seed) in batches of P identities x K
+    images.
 
     Each step draws P x world_size distinct identities (the global batch plan, identical on every
     process) and gives process r the identities r*P .. (r+1)*P-1, so the processes see different
@@ -105,7 +132,10 @@ class IdentitySampler(torch.utils.data.Sampler):
     pair j of a batch has the same identity in both modalities, identities in the same order.
     An epoch has ceil(max(#visible, #infrared) / (P*K*world_size)) steps. The plan of an epoch
     depends only on (seed, epoch), so a resumed run replays it; `start_step` skips steps that an
-    interrupted run already trained on. The DataLoader's batch_size must be P*K.
+    interrupted run already trained on. The seed of each sample is a function of (seed, epoch,
+    step, place in the global batch) alone: its augmentation does not depend on the data-loading
+    workers, on the process count or on where a run was resumed. The DataLoader's batch_size
+    must be P*K.
     """
 
     def __init__(self, visible_labels, infrared_labels, num_ids, num_pos, seed=0,
@@ -116,7 +146,8 @@ class IdentitySampler(torch.utils.data.Sampler):
         if set(self.visible_by_id) != set(self.infrared_by_id):
             raise ValueError('every identity must have images in both modalities')
         if num_ids * world_size > len(self.ids):
-            raise UserError(f'--batch-size {num_ids} x {world_size} processes needs '
+            processes = f' x {world_size} processes' if world_size > 1 else ''
+            raise UserError(f'{flag("batch_size")} {num_ids}{processes} needs '
                             f'{num_ids * world_size} identities per step but the training set '
                             f'has only {len(self.ids)}.')
         self.num_ids, self.num_pos = num_ids, num_pos
@@ -127,6 +158,12 @@ class IdentitySampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
+
+    def state_dict(self, epoch, step):
+        """The position before global batch `step` of `epoch` (step 0: the epoch's start), with
+        what the plan depends on; a checkpoint keeps it as 'sampler'."""
+        return {'seed': self.seed, 'epoch': epoch, 'step': step, 'steps_per_epoch': self.steps,
+                'world_size': self.world_size, 'num_ids': self.num_ids, 'num_pos': self.num_pos}
 
     def batch_plan(self):
         """The global plan of this epoch: identities [steps, P*world_size]."""
@@ -141,7 +178,16 @@ class IdentitySampler(torch.utils.data.Sampler):
         for step, step_ids in enumerate(plan):
             pairs = [self._draw(rng, pid) for pid in step_ids[mine]]
             if step >= self.start_step:
-                yield from (pair for group in pairs for pair in group)
+                seeds = self.sample_seeds(step)
+                yield from ((v, i, seed) for (v, i), seed in
+                            zip((pair for group in pairs for pair in group), seeds))
+
+    def sample_seeds(self, step):
+        """The augmentation seeds of this process's P*K samples of global batch `step`."""
+        per_process = self.num_ids * self.num_pos
+        sequence = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(step,))
+        seeds = sequence.generate_state(per_process * self.world_size, np.uint64)
+        return seeds[self.rank * per_process:(self.rank + 1) * per_process].tolist()
 
     def _draw(self, rng, pid):
         visible = rng.choice(self.visible_by_id[pid], self.num_pos)
@@ -165,6 +211,13 @@ class AverageMeter:
 
     def __init__(self):
         self.sum, self.count = 0.0, 0
+
+    @classmethod
+    def resumed(cls, total, count):
+        """A meter that continues from a saved sum and count."""
+        meter = cls()
+        meter.sum, meter.count = total, count
+        return meter
 
     def update(self, value, n=1):
         self.sum += float(value) * n
@@ -248,7 +301,7 @@ def default_workers():
 def fill_runtime_defaults(args):
     """Unset --workers and --test-batch of train.py and test.py take their defaults."""
     args.workers = default_workers() if args.workers is None else args.workers
-    args.test_batch = args.test_batch or 64
+    args.test_batch = 64 if args.test_batch is None else args.test_batch
 
 
 def resolve_device(args):
@@ -288,28 +341,175 @@ def autocast_context(device, amp):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written: no space, a read-only folder, a quota, a size limit."""
+
+
+# What torch.save adds per tensor (zip entry, alignment, pickled reference) and per file (the
+# pickled structure, RNG states, arguments), as upper bounds measured on our checkpoints.
+TENSOR_RECORD_BYTES = 512
+CHECKPOINT_BASE_BYTES = 64 * 1024
+# torch.save writes through a C++ zip writer whose failures arrive as RuntimeError without errno.
+TORCH_WRITE_FAILURES = ('inline_container', 'PytorchStreamWriter', 'enforce fail')
+# The first bytes of torch files (zip, or a legacy pickle) and of files passed by mistake.
+TORCH_SIGNATURES = (b'PK\x03\x04', b'\x80')
+OTHER_SIGNATURES = {b'\xff\xd8\xff': 'a JPEG image', b'\x89PNG': 'a PNG image',
+                    b'GIF8': 'a GIF image', b'\x93NUMPY': 'a NumPy .npy array',
+                    b'\x1f\x8b': 'a gzip archive', b'%PDF': 'a PDF document'}
+
+
 def save_checkpoint(state, path):
     """Write state to path atomically: a temporary file in the same folder, flushed and fsynced,
-    then renamed over path, so that a crash or a full disk mid-save leaves the old file intact."""
+    then renamed over path, so that a crash mid-save leaves the old file intact. A failed write
+    (no space, read-only folder, quota, file-size limit) raises CheckpointWriteError, one
+    sentence naming the folder and the space needed; the old file is untouched and the
+    temporary file removed."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, f'.{glob.escape(os.path.basename(path))}.tmp*')):
-        os.remove(stale)  # left by a process killed mid-save
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, f'.{glob.escape(os.path.basename(path))}.tmp*')):
+            os.remove(stale)  # left by a process killed mid-save
         with open(tmp, 'wb') as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # first: the free space reported is what the folder has without it
+        if isinstance(error, RuntimeError) and not any(m in str(error) for m in TORCH_WRITE_FAILURES):
+            raise
+        kept = 'the previous file is unchanged' if os.path.isfile(path) else 'nothing was written'
+        reason = storage_problem(folder, error, checkpoint_bytes(state), 'the checkpoint')
+        raise CheckpointWriteError(f'cannot write checkpoint {path}: {reason}; {kept}.') from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def checkpoint_bytes(state):
+    """About how many bytes torch.save(state) writes (an upper bound): every tensor's data, plus
+    a record per tensor and per file."""
+    return CHECKPOINT_BASE_BYTES + sum(t.numel() * t.element_size() + TENSOR_RECORD_BYTES
+                                       for t in _tensors_in(state))
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def storage_problem(folder, error, needed, what):
+    """Why writing `what` (about `needed` bytes) into folder failed with `error` (an OSError, or
+    torch's errno-less RuntimeError), as a phrase naming the folder and the space needed."""
+    code = getattr(error, 'errno', None)
+    free, limit = free_bytes(folder), file_size_limit()
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f'{folder} is a file, not a folder'
+    if code == errno.ENOSPC or (code is None and free is not None and free < needed):
+        shown = 'no space' if free is None else format_bytes(free)
+        return f'{folder} has {shown} free but about {format_bytes(needed)} is needed for {what}'
+    if code == errno.EROFS:
+        return f'{folder} is on a read-only file system'
+    if code in (errno.EACCES, errno.EPERM):
+        return f'{folder} is not writable (permission denied)'
+    if code == errno.EDQUOT:
+        return f'the disk quota on {folder} is used up; about {format_bytes(needed)} is needed for {what}'
+    if code == errno.EFBIG or (limit is not None and limit < needed):
+        return (f'the file-size limit of this process (ulimit -f, {format_bytes(limit or 0)}) is '
+                f'below the {format_bytes(needed)} of {what}')
+    detail = getattr(error, 'strerror', None) or first_sentence(str(error))
+    return f'writing {what} into {folder} failed ({detail})'
+
+
+def free_bytes(folder):
+    """Bytes available to this user in the file system holding folder (or its nearest existing
+    parent), None when it cannot be read."""
+    try:
+        return shutil.disk_usage(nearest_existing(folder)).free
+    except OSError:
+        return None
+
+
+def nearest_existing(path):
+    """path, or its nearest parent that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def file_size_limit():
+    """The largest file this process may write (RLIMIT_FSIZE), None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def format_bytes(count):
+    """A size as people read it: '512 B', '1.5 KiB', '99.3 MiB', '3.71 GiB'."""
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if count < 1024:
+            return f'{count} B' if unit == 'B' else f'{count:.1f} {unit}'
+        count /= 1024
+    return f'{count:.2f} TiB'
+
+
+def first_sentence(text):
+    """The first sentence of a library's message, whole (never cut mid-sentence), without the
+    final full stop."""
+    text = ' '.join(str(text).split())
+    end = re.search(r'(?<!\be\.g)(?<!\bi\.e)[.!?](\s|$)', text)
+    return (text[:end.start()] if end else text).strip()
+
+
+def checkpoint_file_problem(path, what='checkpoint'):
+    """Why path cannot be read as a torch file (missing, a folder, unreadable, empty, a file of
+    another kind), as a phrase naming it; None when it looks like one."""
+    if not os.path.exists(path):
+        return f'{what} {path} does not exist'
+    if os.path.isdir(path):
+        return f'{what} {path} is a folder; expected a file'
+    if not os.path.isfile(path):
+        return f'{what} {path} is not a regular file'
+    try:
+        with open(path, 'rb') as handle:
+            head = handle.read(8)
+    except OSError as error:
+        return f'{what} {path} cannot be read ({error.strerror})'
+    if not head:
+        return f'{what} {path} is empty (0 bytes), as a save that was cut short leaves it'
+    if not head.startswith(TORCH_SIGNATURES):
+        return f'{what} {path} is not a PyTorch file but {describe_content(head)}'
+    return None
+
+
+def describe_content(head):
+    """What the first bytes of a file say it is, for messages."""
+    for signature, kind in OTHER_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    try:
+        head.decode('utf-8')
+        return 'a text file'
+    except UnicodeDecodeError:
+        return 'a file of another kind'
 
 
 def _numpy_globals():
@@ -323,20 +523,36 @@ def _numpy_globals():
     return allowed
 
 
-def load_checkpoint(path, what='checkpoint'):
+def load_checkpoint(path, what='checkpoint', mmap=False):
     """Load a checkpoint with torch.load(weights_only=True): tensors, numbers, strings, lists,
     dicts and numpy arrays only. A file that would need arbitrary unpickling is refused. `what`
-    names the file in messages."""
-    if not os.path.isfile(path):
-        raise UserError(f'{what} {path} does not exist.')
+    names the file in messages. mmap=True maps the tensors of a zip-format file instead of
+    reading them (a cheap look at its metadata)."""
+    path = os.fspath(path)
+    problem = checkpoint_file_problem(path, what)
+    if problem:
+        raise UserError(problem + '.')
+    with open(path, 'rb') as handle:
+        zip_format = handle.read(4) == TORCH_SIGNATURES[0]
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
+            if mmap and zip_format:
+                with contextlib.suppress(Exception):  # the plain load below says what is wrong
+                    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r'GLOBAL (\S+)', str(error))
-        what = f'it asks for {found.group(1)}' if found else 'it is not a weights-only file'
-        raise UserError(f'{what} {path} needs arbitrary code to unpickle and was refused '
-                        f'({what}; only tensors, numbers, strings, lists and dicts are loaded).') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise UserError(f'{what} {path} is not a readable PyTorch file '
-                        f'(truncated or corrupt?): {str(error).splitlines()[0][:200]}') from None
+        if found:
+            raise UserError(f'{what} {path} was refused: unpickling it calls {found.group(1)}, so '
+                            f'loading it could run arbitrary code (only tensors, numbers, strings, '
+                            f'lists, dicts and numpy arrays are loaded; torch.load(weights_only=False) '
+                            f'would load it and run that code, so use it only on a file from a source '
+                            f'you trust).') from None
+        raise UserError(f'{what} {path} is truncated or corrupt (its pickled data does not '
+                        f'parse).') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError,
+            IndexError) as error:
+        # the zip reader's first sentence says what is missing; errno and key errors say nothing
+        detail = first_sentence(error) if isinstance(error, (RuntimeError, zipfile.BadZipFile)) else ''
+        raise UserError(f'{what} {path} is truncated or corrupt'
+                        + (f' ({detail}).' if detail else '.')) from None

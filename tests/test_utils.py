@@ -24,8 +24,8 @@ def test_sampler_batches_pair_identities_in_both_modalities():
     assert sampler.steps == -(-len(visible) // 6)
     for start in range(0, len(pairs), 6):
         batch = pairs[start:start + 6]
-        vis_ids = [visible[v] for v, _ in batch]
-        ir_ids = [infrared[i] for _, i in batch]
+        vis_ids = [visible[v] for v, _, _ in batch]
+        ir_ids = [infrared[i] for _, i, _ in batch]
         assert vis_ids == ir_ids                       # pair j has one identity in both modalities
         assert len(set(vis_ids)) == 3                  # P distinct identities per batch
         assert all(vis_ids.count(pid) == 2 for pid in set(vis_ids))  # K images each
@@ -53,7 +53,7 @@ def test_sampler_gives_each_process_different_identities_covering_the_plan():
     assert all((s.batch_plan() == plan).all() for s in ranks)
     streams = [list(s) for s in ranks]
     for step, step_ids in enumerate(plan):
-        seen = [{visible[v] for v, _ in stream[step * 4:(step + 1) * 4]} for stream in streams]
+        seen = [{visible[v] for v, _, _ in stream[step * 4:(step + 1) * 4]} for stream in streams]
         assert set().union(*seen) == set(step_ids.tolist())
         assert sum(len(s) for s in seen) == len(step_ids)  # no identity on two processes
 
@@ -84,7 +84,7 @@ def test_save_checkpoint_leaves_old_file_when_writing_fails(tmp_path, monkeypatc
         raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(torch, 'save', broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match='previous file is unchanged'):
         save_checkpoint({'epoch': 2}, path)
     assert load_checkpoint(str(path)) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth']  # no temporary file left behind

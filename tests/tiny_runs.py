@@ -33,3 +33,36 @@ def epoch_losses(log_file):
     with open(log_file) as handle:
         found = re.findall(r' epoch (\d+) lr \S+ loss ([-\d.naif]+)', handle.read())
     return {int(epoch): float(loss) for epoch, loss in found}
+
+
+def seeded_checkpoint(path, dataset, num_classes, method='deen', seed=0, img_h=64, img_w=32,
+                      random_batchnorm=False):
+    """Write a checkpoint in our format of an untrained, seeded ResNet-18 model (no training run);
+    returns the model in eval mode. random_batchnorm: see randomise_batchnorm."""
+    import torch
+    from inference import CHECKPOINT_FORMAT
+    from model import build_model
+    torch.manual_seed(seed)
+    model = build_model(method, num_classes, dataset, arch='resnet18')
+    if random_batchnorm:
+        randomise_batchnorm(model, seed)
+    torch.save({'format': CHECKPOINT_FORMAT, 'dataset': dataset, 'method': method,
+                'arch': 'resnet18', 'num_classes': num_classes, 'img_h': img_h, 'img_w': img_w,
+                'model': model.state_dict(), 'epoch': 0}, path)
+    return model.eval()
+
+
+def randomise_batchnorm(model, seed=0):
+    """Random statistics and affines for every BatchNorm, the zero-initialised ones closing the
+    residual and attention branches included, so that no block is the identity in eval mode."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                shape = module.running_mean.shape
+                module.weight.copy_(torch.empty(shape).uniform_(0.5, 1.5, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(torch.empty(shape).uniform_(0.5, 1.5, generator=generator))
+    return model

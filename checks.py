@@ -1,0 +1,179 @@
+"""Checks run before any expensive work (cache build, model build, training, feature extraction):
+numeric flags, input files and folders, output folders and their free space, image sizes."""
+import errno
+import math
+import os
+import tempfile
+
+import torch
+
+from data_loader import cache_bytes, cache_problem
+from data_manager import dataset_facts
+from inference import CHECKPOINT_FORMAT
+from model import build_model
+from utils import (UserError, checkpoint_bytes, checkpoint_file_problem, first_sentence, flag,
+                   free_bytes, load_checkpoint, nearest_existing, rng_state, storage_problem)
+
+# Per-parameter optimiser state tensors shaped like the parameter (SGD momentum; Adam's two
+# moments), and whether each parameter also has a scalar step tensor.
+OPTIMIZER_SLOTS = {'sgd': (1, False), 'adam': (2, True)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric flags
+
+def check_integer(value, dest, minimum):
+    """An integer flag is at least `minimum` (None: unset, allowed)."""
+    if value is not None and value < minimum:
+        expected = {0: 'an integer of 0 or more', 1: 'a positive integer'}.get(
+            minimum, f'an integer of at least {minimum}')
+        raise UserError(f'{flag(dest)} must be {expected}, got {value}.')
+
+
+def check_real(value, dest, positive=False):
+    """A float flag is finite and not negative (positive=True: above 0)."""
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        expected = 'a finite number above 0' if positive else 'a finite number of 0 or more'
+        raise UserError(f'{flag(dest)} must be {expected}, got {value}.')
+
+
+def check_runtime_flags(args):
+    """The flags of utils.add_runtime_args, and --img_h / --img_w where the script has them."""
+    check_integer(args.workers, 'workers', 0)
+    check_integer(args.test_batch, 'test_batch', 1)
+    check_integer(args.gpu, 'gpu', 0)
+    for dest in ('img_h', 'img_w'):
+        check_integer(getattr(args, dest, None), dest, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+def check_data_folder(path, dataset):
+    """The dataset root exists and is a folder (its content is checked by reading it)."""
+    facts = dataset_facts(dataset)
+    if not os.path.isdir(path):
+        problem = 'is a file' if os.path.exists(path) else 'does not exist'
+        raise UserError(f'{flag("data_path")} {path} {problem}; expected the {facts.title} folder '
+                        f'with {facts.layout}.')
+
+
+def check_torch_file(path, dest):
+    """A file that --dest names exists, is a readable file and starts like a torch file."""
+    problem = checkpoint_file_problem(path, flag(dest))
+    if problem:
+        raise UserError(problem + '.')
+
+
+def peek_checkpoint(path, dest):
+    """The content of a checkpoint with its tensors memory-mapped, not read (cheap)."""
+    check_torch_file(path, dest)
+    return load_checkpoint(path, flag(dest), mmap=True)
+
+
+def check_resume_state(state, path, args, num_classes, epochs=None):
+    """A checkpoint of ours fits this run: the same dataset, method, trunk and identity count,
+    and (given `epochs`) an epoch left to train."""
+    if state.get('format') != CHECKPOINT_FORMAT:
+        return  # a released checkpoint: weights only, checked when they are loaded
+    expected = {'dataset': args.dataset, 'method': args.method, 'arch': args.arch,
+                'num_classes': num_classes}
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise UserError(f'checkpoint {path} was trained with {key} {state.get(key)!r}, but '
+                            f'this run has {key} {value!r}.')
+    finished = state['epoch'] + 1 if state['step'] == 0 else state['epoch']
+    if epochs is not None and finished >= epochs and not state.get('evaluation_pending'):
+        raise UserError(f'checkpoint {path} has already trained the {finished} epoch(s) that '
+                        f'{flag("epochs")} {epochs} asks for; pass a larger {flag("epochs")} to '
+                        f'train on.')
+
+
+def check_images_exist(image_lists, what):
+    """Every image an index file or folder listing names is a file."""
+    missing = [path for image_list in image_lists for path in image_list.paths
+               if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f'{len(missing)} {what} image(s) listed in the dataset do not exist, '
+                        f'e.g. {missing[0]}.')
+
+
+def check_image_size(args, method, num_classes, dataset):
+    """The network takes --img_h x --img_w images: one image passes through a freshly built
+    (randomly initialised) network of this run. Returns that network."""
+    model = build_model(method, num_classes, dataset, pretrained=None, arch=args.arch).eval()
+    try:
+        with torch.inference_mode():
+            model(visible=torch.zeros(1, 3, args.img_h, args.img_w))
+    except UserError as error:  # the network's own sentence says what would fit
+        raise UserError(f'{flag("img_h")} {args.img_h} x {flag("img_w")} {args.img_w} does not fit '
+                        f'the {method.upper()} network: {first_sentence(error)}.') from None
+    except RuntimeError as error:
+        raise UserError(f'{flag("img_h")} {args.img_h} x {flag("img_w")} {args.img_w} does not fit '
+                        f'the {method.upper()} network ({first_sentence(error)}); the released '
+                        f'sizes are 384 x 144 (DEEN) and 288 x 144 (AGW).') from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+def check_output_folder(path, dest, what):
+    """path is a folder this process can write into, or one it can create: a file there, or a
+    read-only / unwritable folder, is refused."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag(dest)} {path} is a file; expected a folder for {what}.')
+    existing = nearest_existing(path)
+    if not os.path.isdir(existing):
+        raise UserError(f'{flag(dest)} {path} cannot be created: {existing} is a file; expected '
+                        f'a folder for {what}.')
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix='.write-test-')
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f'{flag(dest)} {path} cannot hold {what}: '
+                        f'{storage_problem(existing, error, 0, what)}.') from None
+
+
+def check_free_space(path, dest, needed, what):
+    """The file system of path (or of the folder that will hold it) has `needed` bytes free."""
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        folder = nearest_existing(path)
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        problem = storage_problem(folder, full, needed, what)
+        raise UserError(f'{flag(dest)} {path} is too small: {problem}; free space there or choose '
+                        f'another {flag(dest)}.')
+
+
+def checkpoint_space(files, size):
+    """Bytes a run needs free to write checkpoint `files` of about `size` bytes each: every file
+    that does not exist yet, plus one temporary copy while a file is replaced, minus what the
+    files it overwrites hold now."""
+    existing = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return max((len(files) + 1) * size - existing, size)
+
+
+def checkpoint_estimate(model, optim):
+    """About how many bytes a training checkpoint of model with optimiser `optim` takes: the
+    weights and buffers, the optimiser state and the RNG states (utils.checkpoint_bytes)."""
+    moments, step_tensor = OPTIMIZER_SLOTS[optim]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer_state = [p for p in parameters for _ in range(moments)]
+    if step_tensor:
+        optimizer_state += [torch.zeros(()) for _ in parameters]
+    return checkpoint_bytes({'model': model.state_dict(), 'optimizer': optimizer_state,
+                             'rng': rng_state()})
+
+
+def check_cache_build(image_lists, cache_dir, size):
+    """The training caches of image_lists at size=(w, h) that must be (re)built can be: --cache-dir
+    is writable and has room for them, and every image they read exists."""
+    stale = [image_list for image_list in image_lists
+             if cache_problem(image_list, cache_dir, size) is not None]
+    if stale:
+        check_output_folder(cache_dir, 'cache_dir', 'the training cache')
+        check_free_space(cache_dir, 'cache_dir', sum(cache_bytes(lst, size) for lst in stale),
+                         'the training cache')
+        check_images_exist(stale, 'training')

@@ -1,0 +1,103 @@
+"""Export a trained DEEN/AGW checkpoint to ONNX (one modality's stem, or both in one graph) with
+test.py's features as output, and check the file against PyTorch with onnxruntime right away."""
+import argparse
+import os
+import sys
+
+import torch
+
+from data_manager import DATASETS, MODALITIES
+from inference import image_files, load_trained_model
+from onnx_export import (EXAMPLE_BATCH, OPSET, TOLERANCE, ExportMismatch, export_onnx, image_batch,
+                         io_names, require_onnx, verify_export)
+from tools.synthetic_data import image_rng, render_person
+from utils import UserError, run_main
+
+SYNTHETIC_CHECK_IMAGES = 5  # people drawn per modality when no --images are given
+RANDOM_CHECK_BATCH = EXAMPLE_BATCH + 1  # random inputs: a batch size the export did not trace
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
+                        '.t file)')
+    parser.add_argument('--modality', default='both', choices=(*MODALITIES, 'both'),
+                        help='the stem(s) in the graph: one input per modality')
+    parser.add_argument('--out', help='ONNX file (default: the checkpoint\'s path with '
+                        '_<modality>.onnx)')
+    parser.add_argument('--fp16', action='store_true', help='float16 weights and arithmetic '
+                        '(inputs and outputs stay float32)')
+    parser.add_argument('--images', nargs='+', metavar='PATH',
+                        help='image files or folders to check the export on (default: synthetic '
+                             'people drawn at the model\'s size)')
+    parser.add_argument('--opset', type=int, default=OPSET, help='ONNX opset')
+    parser.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
+                        'class count names no dataset')
+    args = parser.parse_args(argv)
+    args.out = args.out or f'{os.path.splitext(args.resume)[0]}_{args.modality}.onnx'
+    return args
+
+
+def check_image_paths(paths):
+    """The files of --images (folders searched recursively)."""
+    found = []
+    for path in paths or []:
+        if not os.path.exists(path):
+            raise UserError(f'--images {path} does not exist; expected image files or folders.')
+        found += image_files(path) if os.path.isdir(path) else [path]
+    if paths and not found:
+        raise UserError(f'--images {" ".join(paths)} hold no image files.')
+    return found
+
+
+def real_image_checks(paths, modalities, info):
+    """One normalised batch per modality: the --images files through every stem, or synthetic
+    people of that modality drawn by tools/synthetic_data."""
+    size = (info['img_w'], info['img_h'])
+    if paths:
+        batch = image_batch(paths, *reversed(size))
+        return [batch] * len(modalities)
+    return [image_batch([render_person(pid, 1, modality, 0, image_rng(0, pid, 1, modality, 0), size)
+                         for pid in range(SYNTHETIC_CHECK_IMAGES)], *reversed(size))
+            for modality in modalities]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    require_onnx()
+    paths = check_image_paths(args.images)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UserError(f'--out {args.out}: the folder {folder} does not exist.')
+    model, info = load_trained_model(args.resume, args.dataset, torch.device('cpu'))
+    modalities = MODALITIES if args.modality == 'both' else (args.modality,)
+
+    export_onnx(model, info, modalities, args.out, args.fp16, args.opset)
+    inputs, outputs = io_names(modalities)
+    print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, opset {args.opset}): '
+          f'inputs {", ".join(inputs)} float32 [batch, 3, {info["img_h"]}, {info["img_w"]}] -> '
+          f'outputs {", ".join(outputs)} float32 [batch, 2, {model.num_branches}, '
+          f'{model.embed_dim}]')
+
+    generator = torch.Generator().manual_seed(0)
+    checks = {
+        f'random inputs (batch {RANDOM_CHECK_BATCH})':
+            [torch.randn(RANDOM_CHECK_BATCH, 3, info['img_h'], info['img_w'], generator=generator)
+             for _ in modalities],
+        f'{"--images" if paths else "synthetic"} images':
+            real_image_checks(paths, modalities, info),
+    }
+    try:
+        differences = verify_export(model, args.out, modalities, args.fp16, checks)
+    except ExportMismatch:
+        os.remove(args.out)
+        print(f'removed {args.out}: its features do not match PyTorch\'s', file=sys.stderr)
+        raise
+    for name, difference in differences.items():
+        print(f'onnxruntime vs PyTorch on {name}: max |difference| {difference:.2e}')
+    print(f'verified: every feature within {TOLERANCE[args.fp16]:g} of PyTorch\'s (fp32)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))

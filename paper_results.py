@@ -1,0 +1,180 @@
+"""The published numbers of DEEN and AGW, in one table with their sources, and the comparison of
+our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
+import os
+
+import numpy as np
+
+from data_manager import dataset_facts, layout_of
+from evaluation import describe_setting, write_results
+from provenance import describe_code, describe_environment
+
+METRICS = ('Rank-1', 'Rank-10', 'Rank-20', 'mAP', 'mINP')
+
+_RELEASED_README = 'https://github.com/ZYK100/LLCM/blob/{commit}/DEEN/README.md'
+SOURCES = {
+    'paper': 'Zhang & Wang, "Diverse Embedding Expansion Network and Low-Light Cross-Modality '
+             'Benchmark for Visible-Infrared Person Re-identification", CVPR 2023 (arXiv '
+             '2303.14481): Rank-1 and mAP of DEEN on SYSU-MM01 and RegDB, as this repository\'s '
+             'README quotes them (Rank-10/20 and mINP not transcribed)',
+    'readme-13d0dff': 'released code README, section 4 "Results" ("We have made some updates to '
+                      'the results in our paper on the LLCM dataset"), DEEN row, '
+                      + _RELEASED_README.format(commit='13d0dff8045ca24c33161649acfe02b0e2eb375d'),
+    'readme-da47925': 'released code README, section 4 "Results", DEEN row, '
+                      + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+    'readme-agw': 'released code README, section 4 "Results", AGW row (the same in commits '
+                  '13d0dff and da47925), '
+                  + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+}
+
+# The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
+# are test.py's setting names. The released README's LLCM table has two column groups without
+# direction names: the first is IR->VIS, the second what its test.py calls "VIS to IR"
+# (released_vis_to_ir, an IR->VIS search with a multi-shot gallery; data_manager.DIRECTION_PLANS).
+PUBLISHED = {
+    ('deen', 'sysu', 'all ir_to_vis'): {'paper': {'Rank-1': 74.7, 'mAP': 71.8}},
+    ('deen', 'sysu', 'indoor ir_to_vis'): {'paper': {'Rank-1': 80.3, 'mAP': 83.3}},
+    ('deen', 'regdb', 'vis_to_ir'): {'paper': {'Rank-1': 91.1, 'mAP': 85.1}},
+    ('deen', 'regdb', 'ir_to_vis'): {'paper': {'Rank-1': 89.5, 'mAP': 83.4}},
+    ('deen', 'llcm', 'ir_to_vis'): {
+        'readme-13d0dff': {'Rank-1': 56.73, 'Rank-10': 84.52, 'Rank-20': 90.60, 'mAP': 63.28},
+        'readme-da47925': {'Rank-1': 55.52, 'Rank-10': 83.88, 'Rank-20': 89.98, 'mAP': 62.07}},
+    ('deen', 'llcm', 'released_vis_to_ir'): {
+        'readme-13d0dff': {'Rank-1': 69.66, 'Rank-10': 91.68, 'Rank-20': 95.99, 'mAP': 56.69},
+        'readme-da47925': {'Rank-1': 69.21, 'Rank-10': 90.95, 'Rank-20': 95.07, 'mAP': 55.52}},
+    ('agw', 'llcm', 'ir_to_vis'): {
+        'readme-agw': {'Rank-1': 49.13, 'Rank-10': 79.06, 'Rank-20': 85.89, 'mAP': 55.80}},
+    ('agw', 'llcm', 'released_vis_to_ir'): {
+        'readme-agw': {'Rank-1': 63.72, 'Rank-10': 88.66, 'Rank-20': 92.83, 'mAP': 47.21}},
+}
+# The published RegDB numbers name only the direction; they stand beside both stem routings.
+PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',
+                'released_routing_ir_to_vis': 'ir_to_vis'}
+
+
+def published(method, dataset, setting):
+    """{source: {metric: value in %}} published for a setting of ours ({} for the demo data)."""
+    return PUBLISHED.get((method, dataset, PUBLISHED_AS.get(setting, setting)), {})
+
+
+def compare(dataset, method, fusion, done, missing=()):
+    """The comparison of one dataset and method: `done` is [(seed, results record)] of finished
+    parts (RegDB: one record per split), `missing` names the parts not done. Ours per setting and
+    metric, in %: mean and std over every trial of every seed, and with several seeds the spread
+    (std) of the seed means; beside it each published value and ours - published."""
+    seeds = sorted({seed for seed, _ in done})
+    trials = sorted({t for _, record in done for t in record['protocol']['trials']})
+    multi_shot = any(record['protocol']['multi_shot'] for _, record in done)
+    settings = []
+    for name in _setting_names(done):
+        ours = {metric: _summary({seed: [value for part_seed, record in done if part_seed == seed
+                                         for value in record['results'][name][fusion][metric][2]]
+                                  for seed in seeds})
+                for metric in METRICS}
+        rows = [{'source': source, 'metrics': numbers,
+                 'delta': {metric: ours[metric]['mean'] - value
+                           for metric, value in numbers.items()}}
+                for source, numbers in published(method, dataset, name).items()]
+        settings.append({'setting': name, 'protocol': describe_setting(
+            layout_of(dataset), name, len(trials), multi_shot, fusion), 'ours': ours,
+            'published': rows})
+    used = sorted({row['source'] for setting in settings for row in setting['published']})
+    return {'dataset': dataset, 'title': _title(dataset), 'method': method, 'fusion': fusion,
+            'units': '%', 'seeds': seeds, 'trials': trials, 'parts_done': len(done),
+            'missing': list(missing), 'settings': settings,
+            'sources': {key: SOURCES[key] for key in used}, 'made_with': _made_with(done)}
+
+
+def _title(dataset):
+    return 'demo (synthetic, LLCM layout)' if dataset == 'demo' else dataset_facts(dataset).title
+
+
+def _setting_names(done):
+    """The settings of the results records, in the order test.py reports them."""
+    names = []
+    for _, record in done:
+        names += [name for name in record['results'] if name not in names]
+    return names
+
+
+def _summary(by_seed):
+    """{mean, std, values, seed_means, seed_std} in % of per-trial fractions grouped by seed; the
+    std is over all values (population std, as test.py's); seed_std is None for one seed."""
+    values = 100 * np.array([v for seed_values in by_seed.values() for v in seed_values],
+                            dtype=float)
+    seed_means = [100 * float(np.mean(v)) for v in by_seed.values()]
+    return {'mean': float(values.mean()), 'std': float(values.std()), 'values': values.tolist(),
+            'seed_means': seed_means,
+            'seed_std': float(np.std(seed_means)) if len(seed_means) > 1 else None}
+
+
+def _made_with(done):
+    """The distinct code versions and environments that trained and tested the results."""
+    code, environments = set(), set()
+    for _, record in done:
+        trained = [model.get('provenance') for model in record.get('models', [])]
+        for made in [record.get('provenance'), *trained]:
+            if made:
+                code.add(describe_code(made.get('code')))
+                environments.add(describe_environment({**made, 'seed': None}))
+    return {'code': sorted(code), 'environments': sorted(environments)}
+
+
+def comparison_markdown(comparison):
+    """The comparison as a Markdown section: a table per dataset and method with ours (mean ±
+    std), the seed spread, each published value and the difference, then sources and provenance."""
+    seeds = comparison['seeds']
+    trial_word = 'splits' if comparison['dataset'] == 'regdb' else 'gallery trials'
+    lines = [f'## {comparison["title"]}, {comparison["method"].upper()}', '',
+             f'Fusion {comparison["fusion"]}; seeds {" ".join(map(str, seeds)) or "none"}; '
+             f'{trial_word} {_listed(comparison["trials"])}; {comparison["parts_done"]} part(s) '
+             f'done, {len(comparison["missing"])} not done. Values in %.', '',
+             '| setting | protocol | row | ' + ' | '.join(METRICS) + ' |',
+             '|---|---|---|' + '---:|' * len(METRICS)]
+    for setting in comparison['settings']:
+        ours = setting['ours']
+        count = len(ours['Rank-1']['values'])
+        rows = [(f'ours: mean ± std over {count} values ({len(seeds)} seed(s) × '
+                 f'{count // max(len(seeds), 1)} {trial_word})',
+                 [f'{ours[m]["mean"]:.2f} ± {ours[m]["std"]:.2f}' for m in METRICS])]
+        if len(seeds) > 1:
+            rows.append((f'ours: spread (std) of the {len(seeds)} seed means',
+                         [f'{ours[m]["seed_std"]:.2f}' for m in METRICS]))
+        for row in setting['published']:
+            rows.append((f'published: {row["source"]}',
+                         [_cell(row['metrics'].get(m)) for m in METRICS]))
+            rows.append((f'ours − {row["source"]}', [_cell(row['delta'].get(m), signed=True)
+                                                     for m in METRICS]))
+        if not setting['published']:
+            rows.append(('published', ['—'] * len(METRICS)))
+        for number, (label, cells) in enumerate(rows):
+            head = (f'`{setting["setting"]}` | {setting["protocol"]}' if number == 0 else ' | ')
+            lines.append(f'| {head} | {label} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+    for key, citation in comparison['sources'].items():
+        lines.append(f'- **{key}**: {citation}')
+    if not comparison['sources']:
+        lines.append('- no published numbers exist for this dataset and method')
+    made = comparison['made_with']
+    lines.append(f'- code: {"; ".join(made["code"]) or "unknown"}')
+    lines += [f'- environment: {environment}' for environment in made['environments']]
+    lines += [f'- not done: {name}' for name in comparison['missing']]
+    return '\n'.join(lines) + '\n'
+
+
+def _cell(value, signed=False):
+    if value is None:
+        return '—'
+    return f'{value:+.2f}' if signed else f'{value:.2f}'
+
+
+def _listed(numbers):
+    return ' '.join(map(str, numbers)) if numbers else 'none'
+
+
+def write_comparison(comparison, folder):
+    """Write <dataset>_<method>_comparison.md and .json into folder; returns the two paths."""
+    stem = os.path.join(folder, f'{comparison["dataset"]}_{comparison["method"]}_comparison')
+    write_results(stem + '.json', comparison)
+    with open(stem + '.md', 'w') as handle:
+        handle.write(comparison_markdown(comparison))
+    return stem + '.md', stem + '.json'

@@ -1,0 +1,165 @@
+"""Search a folder of your own images with a trained DEEN/AGW checkpoint: rank every gallery image
+for each query image of the other modality, print the top-k, write JSON and a rank-list PNG."""
+import argparse
+import json
+import os
+import sys
+
+import figures
+from data_manager import DATASETS, MODALITIES
+from gallery_index import DEFAULT_INDEX_FOLDER, update_index
+from inference import FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, rank_gallery
+from utils import UserError, add_runtime_args, fill_runtime_defaults, resolve_device, run_main
+
+MAX_DRAWN_QUERIES = 20  # rows of the rank-list PNG; the JSON holds every query
+NAMED_SKIPPED = 3       # unreadable files named in the message; the JSON lists all
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
+                        '.t file)')
+    parser.add_argument('--query', required=True, nargs='+', metavar='PATH',
+                        help='query image files and/or folders of them (searched recursively)')
+    parser.add_argument('--query-modality', required=True, choices=MODALITIES)
+    parser.add_argument('--gallery', required=True, metavar='DIR',
+                        help='folder of gallery images (searched recursively)')
+    parser.add_argument('--gallery-modality', choices=MODALITIES,
+                        help='default: the other modality than --query-modality')
+    parser.add_argument('--topk', type=int, default=10, help='gallery images shown per query')
+    parser.add_argument('--out', default='search_results', metavar='DIR',
+                        help='folder for search.json and search.png')
+    parser.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
+                        help='the fused distance of test.py to rank by')
+    parser.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
+                        f'<gallery>/{DEFAULT_INDEX_FOLDER})')
+    parser.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
+                        'class count names no dataset')
+    parser.add_argument('--img_h', type=int, help='default: the checkpoint\'s')
+    parser.add_argument('--img_w', type=int, help='default: the checkpoint\'s')
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    fill_runtime_defaults(args)
+    args.gallery_modality = args.gallery_modality or next(
+        m for m in MODALITIES if m != args.query_modality)
+    args.index_dir = args.index_dir or os.path.join(args.gallery, DEFAULT_INDEX_FOLDER)
+    if args.topk < 1:
+        raise UserError(f'--topk must be at least 1, got {args.topk}.')
+    return args
+
+
+def query_files(paths):
+    """The query images: each PATH itself when it is a file, every image under it when a folder."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            images = image_files(path)
+            if not images:
+                raise UserError(f'--query folder {path} holds no image files '
+                                f'({", ".join(IMAGE_EXTENSIONS)}).')
+            found += images
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise UserError(f'--query {path} does not exist; expected image files or folders.')
+    return found
+
+
+def gallery_files(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f'--gallery {folder} is not a folder; expected a folder of images.')
+    files = image_files(folder)
+    if not files:
+        raise UserError(f'--gallery {folder} holds no image files ({", ".join(IMAGE_EXTENSIONS)}).')
+    return files
+
+
+def writable_folder(path, flag):
+    """Create path if needed; a UserError naming flag when it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        pass
+    if not (os.path.isdir(path) and os.access(path, os.W_OK)):
+        raise UserError(f'cannot write to {path}; pass {flag} a writable folder.')
+
+
+def skipped_message(paths, what):
+    """One line saying how many files were skipped as unreadable, naming the first few."""
+    named = ', '.join(paths[:NAMED_SKIPPED])
+    more = f' and {len(paths) - NAMED_SKIPPED} more' if len(paths) > NAMED_SKIPPED else ''
+    return f'skipped {len(paths)} unreadable {what} file(s): {named}{more}'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    queries = query_files(args.query)
+    gallery = gallery_files(args.gallery)
+    writable_folder(args.index_dir, '--index-dir')
+    writable_folder(args.out, '--out')
+    model = ReIDModel.load(args.resume, args.dataset, resolve_device(args), img_h=args.img_h,
+                           img_w=args.img_w, batch_size=args.test_batch, workers=args.workers,
+                           amp=args.amp, channels_last=args.channels_last)
+
+    index = update_index(model, args.resume, args.gallery, gallery, args.gallery_modality,
+                         args.index_dir, progress=True)
+    print(f'gallery {args.gallery}: {len(index.paths)} {args.gallery_modality} images '
+          f'({index.extracted} extracted, {index.reused} read from {index.index_file}, '
+          f'{index.removed} removed from it)')
+    if index.unreadable:
+        print(skipped_message(index.unreadable, 'gallery'))
+    if not index.paths:
+        raise UserError(f'--gallery {args.gallery} holds no readable image.')
+
+    failed = []
+    query_features = model.embed(queries, args.query_modality, unreadable=failed)
+    failed = set(failed)
+    unreadable_queries = [queries[i] for i in sorted(failed)]
+    queries = [path for i, path in enumerate(queries) if i not in failed]
+    if unreadable_queries:
+        print(skipped_message(unreadable_queries, 'query'))
+    if not queries:
+        raise UserError('no --query image could be read.')
+
+    order, distances = rank_gallery(query_features, index.features, args.fusion, args.topk)
+    results = [{'query': query, 'matches': [
+        {'rank': rank + 1, 'path': index.paths[row], 'distance': float(distance)}
+        for rank, (row, distance) in enumerate(zip(rows.tolist(), dists.tolist()))]}
+        for query, rows, dists in zip(queries, order, distances)]
+    print_results(results, args)
+    write_outputs(results, args, index, unreadable_queries)
+    return 0
+
+
+def print_results(results, args):
+    for number, result in enumerate(results, 1):
+        print(f'\nquery {number}/{len(results)} ({args.query_modality}): {result["query"]}')
+        for match in result['matches']:
+            print(f'  {match["rank"]:>3}  {match["distance"]:9.4f}  {match["path"]}')
+
+
+def write_outputs(results, args, index, unreadable_queries):
+    """search.json (every query's top-k, the settings, the counts and every skipped file) and
+    search.png (the rank lists of the first MAX_DRAWN_QUERIES queries)."""
+    json_path, png_path = (os.path.join(args.out, name) for name in ('search.json', 'search.png'))
+    with open(json_path, 'w') as handle:
+        json.dump({'checkpoint': args.resume, 'gallery': args.gallery,
+                   'query_modality': args.query_modality,
+                   'gallery_modality': args.gallery_modality, 'fusion': args.fusion,
+                   'topk': args.topk, 'distance': 'negative fused similarity (smaller is closer)',
+                   'gallery_images': len(index.paths),
+                   'index': {'file': index.index_file, 'extracted': index.extracted,
+                             'reused': index.reused, 'removed': index.removed},
+                   'unreadable': {'gallery': index.unreadable, 'query': unreadable_queries},
+                   'results': results}, handle, indent=2)
+    rows = [{'query': result['query'], 'caption': os.path.basename(result['query']),
+             'gallery': [dict(match, correct=None) for match in result['matches']]}
+            for result in results[:MAX_DRAWN_QUERIES]]
+    figures.draw_rank_lists(rows, png_path, title=f'{args.query_modality} -> '
+                            f'{args.gallery_modality}, {args.fusion}, top {args.topk}')
+    drawn = '' if len(results) <= MAX_DRAWN_QUERIES else f' (first {MAX_DRAWN_QUERIES} queries)'
+    print(f'\nresults written to {json_path} and {png_path}{drawn}')
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))
