@@ -2,7 +2,6 @@
 splits, one feature extraction for all trials, the metrics per fusion, summaries and tables, and
 test.py's whole run (flags, results file with its provenance) for test.py and reproduce.py."""
 import argparse
-import functools
 import json
 import os
 import textwrap
@@ -39,14 +38,13 @@ def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False)
     return splits
 
 
-def evaluate_store(store, layout, splits, fusions=FUSIONS, distance=fused_distance):
-    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features;
-    distance(query features, gallery features, fusion weights) gives each [Q, G] distance."""
+def evaluate_store(store, layout, splits, fusions=FUSIONS):
+    """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features."""
     results = {}
     for name, _, query, gallery in splits:
         query_features, gallery_features = store.select(query), store.select(gallery)
         for fusion, weights in fusions.items():
-            distmat = distance(query_features, gallery_features, weights)
+            distmat = fused_distance(query_features, gallery_features, weights)
             results.setdefault(name, {}).setdefault(fusion, []).append(
                 evaluate(layout, distmat, query, gallery))
     return results
@@ -435,23 +433,27 @@ def rerank_params(args):
 def evaluate_store_reranked(store, layout, splits, params, fusions=FUSIONS):
     """{setting: {fusion: [(cmc, mAP, mINP) per trial]}} of splits on extracted features, each
     fused distance re-ranked with params (the dataset's matching rule applied afterwards, as for
-    the plain distances)."""
-    return evaluate_store(store, layout, splits, fusions, distance=functools.partial(
-        reranked_distance, params=params))
+    the plain distances). The similarities of an image set with itself are computed once per
+    setting and fusion: a query set of every test image is the same in all ten trials."""
+    results, known = {}, {}
 
+    def self_similarity(images, fusion):
+        key = (images.modality, tuple(images.paths), fusion)
+        if key not in known:
+            features = store.select(images)
+            known[key] = -fused_distance(features, features, fusions[fusion])
+        return known[key]
 
-def reranked_distance(query_features, gallery_features, weights, params):
-    """k-reciprocal re-ranked [Q, G] distances of a fusion. The original distance is the
-    Euclidean distance that the fused similarity s implies, sqrt(s(i,i) + s(j,j) - 2 s(i,j)) (the
-    features scaled by the square roots of the fusion weights): 0 from each image to itself, as
-    the re-ranking's Gaussian weighting expects (the fused distance itself is -s)."""
-    def similarity(first, second):
-        return -fused_distance(first, second, weights)
-
-    distances = distances_from_similarity(similarity(query_features, gallery_features),
-                                          similarity(query_features, query_features),
-                                          similarity(gallery_features, gallery_features))
-    return k_reciprocal_rerank(*distances, **params)
+    for name, _, query, gallery in splits:
+        if name not in results:
+            known.clear()  # one setting's [N, N] matrices at a time
+        for fusion, weights in fusions.items():
+            cross = -fused_distance(store.select(query), store.select(gallery), weights)
+            distances = distances_from_similarity(cross, self_similarity(query, fusion),
+                                                  self_similarity(gallery, fusion))
+            results.setdefault(name, {}).setdefault(fusion, []).append(
+                evaluate(layout, k_reciprocal_rerank(*distances, **params), query, gallery))
+    return results
 
 
 def rerank_label(params):

@@ -6,12 +6,13 @@ import sys
 
 import torch
 
+from checks import check_output_folder
 from data_manager import DATASETS, MODALITIES
-from inference import image_files, load_trained_model
+from inference import image_paths, load_trained_model
 from onnx_export import (EXAMPLE_BATCH, OPSET, TOLERANCE, ExportMismatch, export_onnx, image_batch,
                          io_names, require_onnx, verify_export)
 from tools.synthetic_data import image_rng, render_person
-from utils import UserError, run_main
+from utils import run_main
 
 SYNTHETIC_CHECK_IMAGES = 5  # people drawn per modality when no --images are given
 RANDOM_CHECK_BATCH = EXAMPLE_BATCH + 1  # random inputs: a batch size the export did not trace
@@ -38,18 +39,6 @@ def parse_args(argv=None):
     return args
 
 
-def check_image_paths(paths):
-    """The files of --images (folders searched recursively)."""
-    found = []
-    for path in paths or []:
-        if not os.path.exists(path):
-            raise UserError(f'--images {path} does not exist; expected image files or folders.')
-        found += image_files(path) if os.path.isdir(path) else [path]
-    if paths and not found:
-        raise UserError(f'--images {" ".join(paths)} hold no image files.')
-    return found
-
-
 def real_image_checks(paths, modalities, info):
     """One normalised batch per modality: the --images files through every stem, or synthetic
     people of that modality drawn by tools/synthetic_data."""
@@ -65,10 +54,10 @@ def real_image_checks(paths, modalities, info):
 def main(argv=None):
     args = parse_args(argv)
     require_onnx()
-    paths = check_image_paths(args.images)
+    paths = image_paths(args.images, 'images') if args.images else []
     folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UserError(f'--out {args.out}: the folder {folder} does not exist.')
+    check_output_folder(folder, 'out', 'the ONNX file')
+    os.makedirs(folder, exist_ok=True)
     model, info = load_trained_model(args.resume, args.dataset, torch.device('cpu'))
     modalities = MODALITIES if args.modality == 'both' else (args.modality,)
 

@@ -275,6 +275,22 @@ def image_files(folder):
     return sorted(found)
 
 
+def image_paths(paths, dest):
+    """The image files a command line's PATH arguments name: a file itself, a folder's every image
+    file (recursively, as image_files). A missing path, or none found, is a UserError naming the
+    flag --dest (an argparse dest, e.g. 'query')."""
+    from utils import flag
+    found = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f'{flag(dest)} {path} does not exist; expected image files or folders.')
+        found += image_files(path) if os.path.isdir(path) else [path]
+    if not found:
+        raise UserError(f'{flag(dest)} {" ".join(paths)} holds no image files '
+                        f'({", ".join(IMAGE_EXTENSIONS)}).')
+    return found
+
+
 class ReIDModel:
     """A trained DEEN/AGW network with test.py's test-time settings. `model` is the eval-mode
     network, `info` what load_trained_model tells of the checkpoint, `settings` the image size,

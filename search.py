@@ -6,9 +6,11 @@ import os
 import sys
 
 import figures
+from checks import check_integer, check_output_folder, check_runtime_flags
 from data_manager import DATASETS, MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
-from inference import FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, rank_gallery
+from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
+                       rank_gallery)
 from utils import UserError, add_runtime_args, fill_runtime_defaults, resolve_device, run_main
 
 MAX_DRAWN_QUERIES = 20  # rows of the rank-list PNG; the JSON holds every query
@@ -40,29 +42,12 @@ def parse_args(argv=None):
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     fill_runtime_defaults(args)
+    check_runtime_flags(args)
+    check_integer(args.topk, 'topk', 1)
     args.gallery_modality = args.gallery_modality or next(
         m for m in MODALITIES if m != args.query_modality)
     args.index_dir = args.index_dir or os.path.join(args.gallery, DEFAULT_INDEX_FOLDER)
-    if args.topk < 1:
-        raise UserError(f'--topk must be at least 1, got {args.topk}.')
     return args
-
-
-def query_files(paths):
-    """The query images: each PATH itself when it is a file, every image under it when a folder."""
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            images = image_files(path)
-            if not images:
-                raise UserError(f'--query folder {path} holds no image files '
-                                f'({", ".join(IMAGE_EXTENSIONS)}).')
-            found += images
-        elif os.path.isfile(path):
-            found.append(path)
-        else:
-            raise UserError(f'--query {path} does not exist; expected image files or folders.')
-    return found
 
 
 def gallery_files(folder):
@@ -74,16 +59,6 @@ def gallery_files(folder):
     return files
 
 
-def writable_folder(path, flag):
-    """Create path if needed; a UserError naming flag when it cannot be written."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        pass
-    if not (os.path.isdir(path) and os.access(path, os.W_OK)):
-        raise UserError(f'cannot write to {path}; pass {flag} a writable folder.')
-
-
 def skipped_message(paths, what):
     """One line saying how many files were skipped as unreadable, naming the first few."""
     named = ', '.join(paths[:NAMED_SKIPPED])
@@ -93,10 +68,10 @@ def skipped_message(paths, what):
 
 def main(argv=None):
     args = parse_args(argv)
-    queries = query_files(args.query)
+    queries = image_paths(args.query, 'query')
     gallery = gallery_files(args.gallery)
-    writable_folder(args.index_dir, '--index-dir')
-    writable_folder(args.out, '--out')
+    check_output_folder(args.index_dir, 'index_dir', 'the gallery index')
+    check_output_folder(args.out, 'out', 'the search results')
     model = ReIDModel.load(args.resume, args.dataset, resolve_device(args), img_h=args.img_h,
                            img_w=args.img_w, batch_size=args.test_batch, workers=args.workers,
                            amp=args.amp, channels_last=args.channels_last)
@@ -141,6 +116,7 @@ def print_results(results, args):
 def write_outputs(results, args, index, unreadable_queries):
     """search.json (every query's top-k, the settings, the counts and every skipped file) and
     search.png (the rank lists of the first MAX_DRAWN_QUERIES queries)."""
+    os.makedirs(args.out, exist_ok=True)
     json_path, png_path = (os.path.join(args.out, name) for name in ('search.json', 'search.png'))
     with open(json_path, 'w') as handle:
         json.dump({'checkpoint': args.resume, 'gallery': args.gallery,

@@ -82,9 +82,12 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = False
 
 
-def epoch_seed(seed, epoch, rank=0):
-    """A seed for one epoch on one process, so that a resumed run draws what the original drew."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_seed(seed, epoch, rank=0, batch=0):
+    """A seed for one epoch on one process, so that a resumed run draws what the original drew;
+    `batch` > 0: for the part of the epoch from that global batch on (a resume on another
+    process count, whose processes cannot take over the random states of the old ones)."""
+    return int(np.random.SeedSequence([seed, epoch, rank] + ([batch] if batch else []))
+               .generate_state(1)[0])
 
 
 def rng_state():
@@ -124,18 +127,26 @@ def _to_tuples(value):
 
 class IdentitySampler(torch.utils.data.Sampler):
     """Yields (visible index, infrared index, augmentation seed) in batches of P identities x K
-    images.
+    images, from an epoch plan that is the same for any number of processes.
 
-    Each step draws P x world_size distinct identities (the global batch plan, identical on every
-    process) and gives process r the identities r*P .. (r+1)*P-1, so the processes see different
-    identities. For each identity K visible and K infrared images are drawn with replacement;
-    pair j of a batch has the same identity in both modalities, identities in the same order.
-    An epoch has ceil(max(#visible, #infrared) / (P*K*world_size)) steps. The plan of an epoch
-    depends only on (seed, epoch), so a resumed run replays it; `start_step` skips steps that an
-    interrupted run already trained on. The seed of each sample is a function of (seed, epoch,
-    step, place in the global batch) alone: its augmentation does not depend on the data-loading
-    workers, on the process count or on where a run was resumed. The DataLoader's batch_size
-    must be P*K.
+    The plan of an epoch is a stream of global batches b = 0, 1, 2, ...: batch b holds P distinct
+    identities, drawn in order from one generator seeded by (seed, epoch); for each of them K
+    visible and K infrared images are drawn with replacement, and every sample gets an
+    augmentation seed, both from a generator seeded by (seed, epoch, b) alone (not by the
+    process, the data-loading worker or where a run was resumed). Pair j of a batch has the
+    same identity in both modalities, identities in the same order. The epoch covers
+    B = ceil(max(#visible, #infrared) / (P*K)) batches.
+
+    W processes take W consecutive batches per step: at step s process r trains batch
+    start + s*W + r, for ceil((B - start) / W) steps; the last step may take batches >= B of
+    the same stream, so that every process has one. `start` is the number of batches an
+    interrupted run consumed (set_epoch), so a run stopped by M processes continues with any
+    number N of them and every planned batch is trained exactly once across the interruption.
+    The price of a plan that does not depend on W: the W batches of one step are drawn
+    independently, so two processes may train on the same identity in the same step. Nothing
+    needs them apart: each process computes its triplet and cross-modal losses within its own
+    batch (DDP averages the gradients), and every batch still holds P distinct identities.
+    The DataLoader's batch_size must be P*K.
     """
 
     def __init__(self, visible_labels, infrared_labels, num_ids, num_pos, seed=0,
@@ -145,49 +156,65 @@ class IdentitySampler(torch.utils.data.Sampler):
         self.ids = np.array(sorted(self.visible_by_id))
         if set(self.visible_by_id) != set(self.infrared_by_id):
             raise ValueError('every identity must have images in both modalities')
-        if num_ids * world_size > len(self.ids):
-            processes = f' x {world_size} processes' if world_size > 1 else ''
-            raise UserError(f'{flag("batch_size")} {num_ids}{processes} needs '
-                            f'{num_ids * world_size} identities per step but the training set '
-                            f'has only {len(self.ids)}.')
+        if num_ids > len(self.ids):
+            raise UserError(f'{flag("batch_size")} {num_ids} needs {num_ids} identities per batch '
+                            f'but the training set has only {len(self.ids)}.')
         self.num_ids, self.num_pos = num_ids, num_pos
         self.seed, self.world_size, self.rank = seed, world_size, rank
-        per_step = num_ids * num_pos * world_size
-        self.steps = -(-max(len(visible_labels), len(infrared_labels)) // per_step)
-        self.epoch, self.start_step = 0, 0
+        self.batches = -(-max(len(visible_labels), len(infrared_labels)) // (num_ids * num_pos))
+        self.steps = -(-self.batches // world_size)  # of a whole epoch
+        self.set_epoch(0)
 
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch, start=0, end=None):
+        """Iterate over `epoch` from global batch `start` (the batches consumed before) to `end`
+        (default: the epoch's B batches; --max-steps ends it earlier)."""
+        self.epoch, self.start = epoch, start
+        self.end = self.batches if end is None else end
 
-    def state_dict(self, epoch, step):
-        """The position before global batch `step` of `epoch` (step 0: the epoch's start), with
+    @property
+    def steps_left(self):
+        """Steps from `start` to the end of the epoch with this process count."""
+        return max(0, -(-(self.end - self.start) // self.world_size))
+
+    def rank_batches(self):
+        """The global batches this process trains, in order: start + s*W + rank."""
+        return range(self.start + self.rank, self.start + self.steps_left * self.world_size,
+                     self.world_size)
+
+    def state_dict(self, epoch, batch):
+        """The position: `batch` global batches of `epoch` consumed (0: the epoch's start), with
         what the plan depends on; a checkpoint keeps it as 'sampler'."""
-        return {'seed': self.seed, 'epoch': epoch, 'step': step, 'steps_per_epoch': self.steps,
-                'world_size': self.world_size, 'num_ids': self.num_ids, 'num_pos': self.num_pos}
+        return {'seed': self.seed, 'epoch': epoch, 'batch': batch,
+                'batches_per_epoch': self.batches, 'world_size': self.world_size,
+                'num_ids': self.num_ids, 'num_pos': self.num_pos}
 
-    def batch_plan(self):
-        """The global plan of this epoch: identities [steps, P*world_size]."""
+    def batch_plan(self, count=None):
+        """The identities of global batches 0..count-1 of this epoch [count, P] (default: B)."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        return np.stack([rng.choice(self.ids, self.num_ids * self.world_size, replace=False)
-                         for _ in range(self.steps)])
+        return np.stack([rng.choice(self.ids, self.num_ids, replace=False)
+                         for _ in range(self.batches if count is None else count)])
 
     def __iter__(self):
-        plan = self.batch_plan()
-        rng = np.random.default_rng([self.seed, self.epoch, 1 + self.rank])
-        mine = slice(self.rank * self.num_ids, (self.rank + 1) * self.num_ids)
-        for step, step_ids in enumerate(plan):
-            pairs = [self._draw(rng, pid) for pid in step_ids[mine]]
-            if step >= self.start_step:
-                seeds = self.sample_seeds(step)
-                yield from ((v, i, seed) for (v, i), seed in
-                            zip((pair for group in pairs for pair in group), seeds))
+        mine = self.rank_batches()
+        if not mine:
+            return
+        plan = self.batch_plan(mine[-1] + 1)
+        for batch in mine:
+            yield from self.batch_samples(batch, plan[batch])
 
-    def sample_seeds(self, step):
-        """The augmentation seeds of this process's P*K samples of global batch `step`."""
-        per_process = self.num_ids * self.num_pos
-        sequence = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(step,))
-        seeds = sequence.generate_state(per_process * self.world_size, np.uint64)
-        return seeds[self.rank * per_process:(self.rank + 1) * per_process].tolist()
+    def batch_samples(self, batch, ids):
+        """The P*K (visible, infrared, seed) samples of global batch `batch`, whose identities
+        are `ids`."""
+        rng = np.random.default_rng(self._sequence(batch).spawn(1)[0])
+        pairs = [pair for pid in ids for pair in self._draw(rng, pid)]
+        return [(v, i, seed) for (v, i), seed in zip(pairs, self.sample_seeds(batch))]
+
+    def sample_seeds(self, batch):
+        """The augmentation seeds of the P*K samples of global batch `batch`."""
+        return self._sequence(batch).generate_state(self.num_ids * self.num_pos, np.uint64).tolist()
+
+    def _sequence(self, batch):
+        return np.random.SeedSequence([self.seed, self.epoch], spawn_key=(batch,))
 
     def _draw(self, rng, pid):
         visible = rng.choice(self.visible_by_id[pid], self.num_pos)
@@ -195,7 +222,7 @@ class IdentitySampler(torch.utils.data.Sampler):
         return list(zip(visible.tolist(), infrared.tolist()))
 
     def __len__(self):
-        return (self.steps - self.start_step) * self.num_ids * self.num_pos
+        return self.steps_left * self.num_ids * self.num_pos
 
 
 def _indices_by_label(labels):
@@ -262,6 +289,25 @@ class DistContext:
         return self.rank == 0
 
 
+def from_main_process(value, ctx):
+    """Rank 0's `value` on every process: a decision all of them must share (whether a file
+    exists on rank 0's disk, a random nonce)."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered(value, ctx):
+    """[the value of rank 0, ..., of rank world_size-1] on every process."""
+    if not ctx.enabled:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def init_distributed(device_type):
     """Join the process group when launched by torchrun; a plain run gets a 1-process context."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -284,9 +330,13 @@ def add_runtime_args(parser):
                         'with fewer cores)')
     parser.add_argument('--test-batch', type=int, help='test images per forward pass (default 64)')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
-                        help='mixed precision (autocast; fp16 adds a gradient scaler)')
-    parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+                        help='mixed precision (autocast): bf16 on CPU or CUDA; fp16, with a '
+                        'gradient scaler, on CUDA only')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='channels-last memory format (CPU and CUDA)')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the network (training, and the feature extraction, '
+                        'compiled once per run); needs a C++ compiler on CPU, triton on CUDA')
     parser.add_argument('--deterministic', action='store_true',
                         help='deterministic algorithms (bit-reproducible on CPU, cuDNN-deterministic on GPU)')
 
@@ -312,7 +362,9 @@ def resolve_device(args):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f'--device must be cpu, cuda or cuda:N, got {name!r}.') from None
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device must be cpu, cuda or cuda:N, got {name!r}.')
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise UserError(f'{name} was requested but PyTorch sees no CUDA GPU; use --device cpu.')

@@ -22,7 +22,7 @@ import training
 from checks import checkpoint_estimate
 from data_manager import train_image_lists
 from model import build_model
-from tiny_runs import REPO, train_argv
+from tiny_runs import REPO, poison_loss_at, train_argv
 from utils import UserError, load_checkpoint, run_main, save_checkpoint
 
 
@@ -497,18 +497,7 @@ def test_nan_weights_with_a_finite_loss_never_reach_a_checkpoint(llcm_root, tmp_
 
 def test_a_nan_loss_error_starts_its_own_line_after_the_progress_bar(llcm_root, tmp_path,
                                                                     monkeypatch, capsys):
-    build = training.build_criterion
-
-    def poisoned(*args, **kwargs):
-        criterion, calls = build(*args, **kwargs), []
-
-        def compute(output, labels):
-            calls.append(1)
-            loss, parts = criterion(output, labels)
-            return (loss * float('nan'), parts) if len(calls) == 2 else (loss, parts)
-        return compute
-
-    monkeypatch.setattr(training, 'build_criterion', poisoned)
+    poison_loss_at(monkeypatch, 2)
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 1, '--max-steps', 3,
                                 '--eval-every', 0))
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ import data_loader
 import evaluation
 import test as test_script
 import training
-from tiny_runs import REPO, run_script, train_argv
+from tiny_runs import REPO, poison_loss_at, run_script, train_argv
 from utils import load_checkpoint, run_main
 
 
@@ -84,18 +84,7 @@ def test_sigkill_during_a_save_loses_at_most_the_current_epoch(llcm_root, tmp_pa
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last(llcm_root, tmp_path, monkeypatch,
                                                                    capsys):
-    build = training.build_criterion
-
-    def poisoned(*args, **kwargs):
-        criterion, calls = build(*args, **kwargs), []
-
-        def compute(output, labels):
-            calls.append(1)
-            loss, parts = criterion(output, labels)
-            return (loss * float('nan'), parts) if len(calls) == 4 else (loss, parts)
-        return compute
-
-    monkeypatch.setattr(training, 'build_criterion', poisoned)
+    poison_loss_at(monkeypatch, 4)
     argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 3, '--max-steps', 3,
                       '--eval-every', 0)
     assert run_train(argv) == 2

@@ -202,9 +202,9 @@ def test_user_errors_are_found_before_the_model_is_loaded(monkeypatch, folders, 
              (['--gallery', str(gallery), '--query', str(tmp_path / 'nope.jpg')],
               f'--query {tmp_path / "nope.jpg"} does not exist'),
              (['--gallery', str(gallery), '--query', str(empty)],
-              f'--query folder {empty} holds no image files'),
+              f'--query {empty} holds no image files'),
              (['--gallery', str(gallery), '--query', str(queries), '--topk', '0'],
-              '--topk must be at least 1')]
+              '--topk must be a positive integer')]
     for argv, expected in cases:
         code = run_main(lambda: search.main(['--resume', str(tmp_path / 'any.pth'),
                                              '--query-modality', 'visible', *argv]))

@@ -66,3 +66,20 @@ def randomise_batchnorm(model, seed=0):
                 module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
                 module.running_var.copy_(torch.empty(shape).uniform_(0.5, 1.5, generator=generator))
     return model
+
+
+def poison_loss_at(monkeypatch, call):
+    """Make train.py's criterion return a NaN loss at its `call`-th call (1-based)."""
+    import training
+    build = training.build_criterion
+
+    def poisoned(*args, **kwargs):
+        criterion, calls = build(*args, **kwargs), []
+
+        def compute(output, labels):
+            calls.append(1)
+            loss, parts = criterion(output, labels)
+            return (loss * float('nan'), parts) if len(calls) == call else (loss, parts)
+        return compute
+
+    monkeypatch.setattr(training, 'build_criterion', poisoned)
