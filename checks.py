@@ -1,8 +1,13 @@
 """Checks run before any expensive work (cache build, model build, training, feature extraction):
-numeric flags, input files and folders, output folders and their free space, image sizes."""
+numeric flags, flags against the device, input files and folders, output folders and their free
+space, image sizes, and the folders that the processes of a multi-node run must share."""
+import contextlib
 import errno
+import importlib.util
 import math
 import os
+import secrets
+import shutil
 import tempfile
 
 import torch
@@ -12,7 +17,8 @@ from data_manager import dataset_facts
 from inference import CHECKPOINT_FORMAT
 from model import build_model
 from utils import (UserError, checkpoint_bytes, checkpoint_file_problem, first_sentence, flag,
-                   free_bytes, load_checkpoint, nearest_existing, rng_state, storage_problem)
+                   free_bytes, gathered, load_checkpoint, nearest_existing, rng_state,
+                   storage_problem)
 
 # Per-parameter optimiser state tensors shaped like the parameter (SGD momentum; Adam's two
 # moments), and whether each parameter also has a scalar step tensor.
@@ -44,6 +50,33 @@ def check_runtime_flags(args):
     check_integer(args.gpu, 'gpu', 0)
     for dest in ('img_h', 'img_w'):
         check_integer(getattr(args, dest, None), dest, 1)
+
+
+def check_device_flags(args, device):
+    """The runtime flags that the device can honour: --sync-bn (train.py) and --amp fp16 need
+    CUDA; --compile needs a C++ compiler on the CPU and triton on CUDA (what torch.compile
+    generates its kernels with); --channels-last works on both."""
+    if getattr(args, 'sync_bn', False) and device.type != 'cuda':
+        raise UserError(f'{flag("sync_bn")} needs CUDA GPUs (SyncBatchNorm has no CPU '
+                        f'implementation); drop it to train on the CPU.')
+    if args.amp == 'fp16' and device.type != 'cuda':
+        raise UserError(f'{flag("amp")} fp16 needs a CUDA GPU; use {flag("amp")} bf16 on the CPU.')
+    if args.compile:
+        missing = compile_toolchain_missing(device)
+        if missing:
+            raise UserError(f'{flag("compile")} on {device.type} needs {missing}; install it or '
+                            f'drop {flag("compile")}.')
+
+
+def compile_toolchain_missing(device):
+    """What torch.compile (inductor) lacks on this machine to generate code for device, as a
+    phrase; None when nothing is missing."""
+    if device.type == 'cuda':
+        return None if importlib.util.find_spec('triton') else 'the triton package'
+    compiler = os.environ.get('CXX', 'g++')  # the compiler inductor calls on Linux
+    if shutil.which(compiler) is None:
+        return f'a C++ compiler ({compiler}, or the one the CXX variable names)'
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +202,8 @@ def checkpoint_estimate(model, optim):
 
 def check_cache_build(image_lists, cache_dir, size):
     """The training caches of image_lists at size=(w, h) that must be (re)built can be: --cache-dir
-    is writable and has room for them, and every image they read exists."""
+    is writable and has room for them, and every image they read exists. Returns whether any
+    must be built."""
     stale = [image_list for image_list in image_lists
              if cache_problem(image_list, cache_dir, size) is not None]
     if stale:
@@ -177,3 +211,79 @@ def check_cache_build(image_lists, cache_dir, size):
         check_free_space(cache_dir, 'cache_dir', sum(cache_bytes(lst, size) for lst in stale),
                          'the training cache')
         check_images_exist(stale, 'training')
+    return bool(stale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders of a multi-node run
+
+SHARED_TOKEN_PREFIX = '.deen-shared-check-'
+
+
+def check_shared_folders(folders, ctx):
+    """Who sees the files written into each folder by the processes of a torchrun run. folders:
+    [(dest, path, what it holds, per_node)]. The first process of every node (local rank 0)
+    writes a token file with a random nonce into each folder; after a barrier every process
+    reports the tokens it reads back. Returns {dest: 'all'} where every process reads rank 0's
+    token (a filesystem shared by all nodes), or, for a per_node folder, 'node' where every
+    process reads exactly one token (each node's own disk: its first process writes there).
+    Anything else raises UserError, one sentence on every process naming the flag, instead of
+    a hang or a process that later reads another file than rank 0 wrote. One process: 'all'."""
+    if not ctx.enabled:
+        return {dest: 'all' for dest, *_ in folders}
+    nonce = secrets.token_hex(8) if ctx.local_rank == 0 else None
+    problem = None
+    if nonce:
+        try:
+            for _, path, _, _ in folders:
+                os.makedirs(path, exist_ok=True)
+                with open(os.path.join(path, SHARED_TOKEN_PREFIX + nonce), 'w') as handle:
+                    handle.write(nonce)
+        except OSError as error:
+            problem = (path, storage_problem(nearest_existing(path), error, 0, 'a small file'))
+    written = gathered((nonce, problem), ctx)  # every token is written once this returns
+    failed = [(rank, found) for rank, (_, found) in enumerate(written) if found]
+    if failed:
+        rank, (path, reason) = failed[0]
+        raise UserError(f'rank {rank} cannot write into {path}: {reason}.')
+    writers = [(rank, token) for rank, (token, _) in enumerate(written) if token]
+    seen = gathered([[rank for rank, token in writers if _token_reads(path, token)]
+                     for _, path, _, _ in folders], ctx)
+    if nonce:  # every process has read: the tokens can go
+        for _, path, _, _ in folders:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(path, SHARED_TOKEN_PREFIX + nonce))
+    return {dest: _folder_scope(dest, path, what, per_node, [ranks[i] for ranks in seen])
+            for i, (dest, path, what, per_node) in enumerate(folders)}
+
+
+def _token_reads(folder, token):
+    try:
+        with open(os.path.join(folder, SHARED_TOKEN_PREFIX + token)) as handle:
+            return handle.read() == token
+    except OSError:
+        return False
+
+
+def _folder_scope(dest, path, what, per_node, seen):
+    """'all' or 'node' for a folder whose tokens process r reads from the writers seen[r]."""
+    if all(0 in writers for writers in seen):
+        return 'all'
+    blind = [rank for rank, writers in enumerate(seen) if 0 not in writers]
+    if not per_node:
+        raise UserError(f'{flag(dest)} {path} is not on a filesystem shared by all nodes: '
+                        f'rank(s) {", ".join(map(str, blind))} cannot read the file rank 0 wrote '
+                        f'there, and {what} must be in a folder that every node sees.')
+    if all(len(writers) == 1 for writers in seen):
+        return 'node'
+    rank = next(rank for rank, writers in enumerate(seen) if len(writers) != 1)
+    raise UserError(f'{flag(dest)} {path} is neither shared by all nodes nor one folder per '
+                    f'node: rank {rank} reads the files that {len(seen[rank])} nodes\' first '
+                    f'processes wrote there (expected all of them, or its own node\'s only); put '
+                    f'{what} on a filesystem shared by all nodes or on each node\'s own disk.')
+
+
+def folder_writer(scope, ctx):
+    """Whether this process writes what a folder of `scope` holds: rank 0 into a folder that all
+    processes share ('all'), the first process of each node into a folder per node ('node')."""
+    return ctx.is_main if scope == 'all' else ctx.local_rank == 0

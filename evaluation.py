@@ -7,15 +7,14 @@ import os
 import textwrap
 
 import numpy as np
-import torch
 
-from checks import (check_data_folder, check_images_exist, check_integer, check_output_folder,
-                    check_runtime_flags, check_torch_file)
+from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
+                    check_output_folder, check_runtime_flags, check_torch_file)
 from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_STEM_DIRECTIONS,
                           dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
 from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_distance,
-                       load_trained_model)
+                       inference_model, load_trained_model)
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import UserError, add_runtime_args, fill_runtime_defaults, load_checkpoint
@@ -154,8 +153,7 @@ def run_protocol(args, device, ctx):
                        **{key: info[key] for key in ('method', 'arch', 'epoch', 'seed',
                                                      'provenance')}})
         args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model = inference_model(model, args)
         splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot)
         trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx)
         for name, by_fusion in trial_results.items():
@@ -257,6 +255,7 @@ def run_test(args, device, ctx):
     """test.py's whole run: resolve the dataset, run the protocol, and on the main process print
     the tables, write the results file (default: beside the checkpoint) and print its provenance.
     Returns the results record (None on the other processes)."""
+    check_device_flags(args, device)
     note = resolve_dataset(args)
     if note and ctx.is_main:
         print(note)

@@ -64,6 +64,15 @@ def load_trained_model(path, dataset=None, device='cpu'):
     return model.to(device).eval(), info
 
 
+def inference_model(model, args):
+    """The network as feature extraction runs it under the runtime flags: in channels-last
+    memory format with --channels-last, and with --compile a torch.compile'd module sharing
+    model's weights (compiled on its first batches, so make it once per run and reuse it)."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if args.compile else model
+
+
 def released_weights(state, path):
     """The state dict of a released checkpoint (`{'net': ...}` or a bare state dict)."""
     weights = state.get('net', state)
@@ -294,17 +303,16 @@ def image_paths(paths, dest):
 class ReIDModel:
     """A trained DEEN/AGW network with test.py's test-time settings. `model` is the eval-mode
     network, `info` what load_trained_model tells of the checkpoint, `settings` the image size,
-    images per forward pass (batch_size), data-loading processes (workers), amp and
-    channels_last that embed uses."""
+    images per forward pass (batch_size), data-loading processes (workers), amp, channels_last
+    and compile (torch.compile the network) that embed uses."""
 
     def __init__(self, model, info, device, img_h=None, img_w=None, batch_size=64, workers=0,
-                 amp='off', channels_last=False):
+                 amp='off', channels_last=False, compile=False):
         self.model, self.info, self.device = model, info, torch.device(device)
         self.settings = SimpleNamespace(img_h=img_h or info['img_h'], img_w=img_w or info['img_w'],
                                         test_batch=batch_size, workers=workers, amp=amp,
-                                        channels_last=channels_last)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+                                        channels_last=channels_last, compile=compile)
+        self.model = inference_model(model, self.settings)
 
     @classmethod
     def load(cls, checkpoint, dataset=None, device=None, **settings):

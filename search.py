@@ -6,7 +6,7 @@ import os
 import sys
 
 import figures
-from checks import check_integer, check_output_folder, check_runtime_flags
+from checks import check_device_flags, check_integer, check_output_folder, check_runtime_flags
 from data_manager import DATASETS, MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
 from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
@@ -72,9 +72,11 @@ def main(argv=None):
     gallery = gallery_files(args.gallery)
     check_output_folder(args.index_dir, 'index_dir', 'the gallery index')
     check_output_folder(args.out, 'out', 'the search results')
-    model = ReIDModel.load(args.resume, args.dataset, resolve_device(args), img_h=args.img_h,
+    device = resolve_device(args)
+    check_device_flags(args, device)
+    model = ReIDModel.load(args.resume, args.dataset, device, img_h=args.img_h,
                            img_w=args.img_w, batch_size=args.test_batch, workers=args.workers,
-                           amp=args.amp, channels_last=args.channels_last)
+                           amp=args.amp, channels_last=args.channels_last, compile=args.compile)
 
     index = update_index(model, args.resume, args.gallery, gallery, args.gallery_modality,
                          args.index_dir, progress=True)

@@ -13,21 +13,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checks import (check_cache_build, check_data_folder, check_free_space, check_image_size,
-                    check_images_exist, check_integer, check_output_folder, check_real,
-                    check_resume_state, check_runtime_flags, check_torch_file, checkpoint_estimate,
-                    checkpoint_space, peek_checkpoint)
+from checks import (check_cache_build, check_data_folder, check_device_flags, check_free_space,
+                    check_image_size, check_images_exist, check_integer, check_output_folder,
+                    check_real, check_resume_state, check_runtime_flags, check_shared_folders,
+                    check_torch_file, checkpoint_estimate, checkpoint_space, folder_writer,
+                    peek_checkpoint)
 from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import BACKBONES, build_model, load_model_weights, uses_pretrained
 from evaluation import selection_rank1, selection_split
-from inference import CHECKPOINT_FORMAT
+from inference import CHECKPOINT_FORMAT, inference_model
 from provenance import run_provenance
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
                    autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
-                   load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                   setup_logger, setup_runtime)
+                   from_main_process, gathered, load_checkpoint, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, setup_logger, setup_runtime)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
@@ -49,6 +50,11 @@ DATASET_OVERRIDES = {
                           test_batch=128)
              for method in METHOD_DEFAULTS},
 }
+
+
+# The flags an epoch's batch plan depends on (IdentitySampler.state_dict keys), besides the epoch
+# and the training set: a change since a checkpoint was saved restarts its interrupted epoch.
+PLAN_FLAGS = {'seed': flag('seed'), 'num_ids': flag('batch_size'), 'num_pos': flag('num_pos')}
 
 
 class TrainingDiverged(UserError):
@@ -85,7 +91,9 @@ def parse_args(argv=None):
     parser.add_argument('--mode', default='all', choices=('all', 'indoor'),
                         help='SYSU-MM01 search mode used for model selection')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--resume', help='checkpoint to continue from ("last" = this run\'s last)')
+    parser.add_argument('--resume', help='checkpoint to continue from: a file, "last" (this run\'s '
+                        'last), or "auto" (this run\'s last when it exists, else start afresh: '
+                        'what torchrun --max-restarts needs to resume a restarted group)')
     parser.add_argument('--model_path', default='save_model', help='folder for checkpoints')
     parser.add_argument('--log_path', default='log', help='folder for logs, arguments, TensorBoard')
     parser.add_argument('--cache-dir', help='folder of the resized training-image cache '
@@ -99,9 +107,10 @@ def parse_args(argv=None):
     parser.add_argument('--eval-every', type=int, help='evaluate every N epochs (0: never); default 1')
     parser.add_argument('--pretrained', help='imagenet (default), none, or a torchvision ResNet-50 '
                         'state-dict file')
-    parser.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
-    parser.add_argument('--max-steps', type=int, help='stop each epoch after this many steps '
-                        '(smoke tests and benchmarks)')
+    parser.add_argument('--sync-bn', action='store_true',
+                        help='SyncBatchNorm across processes (CUDA GPUs only)')
+    parser.add_argument('--max-steps', type=int, help='stop each epoch after this many steps, '
+                        'i.e. this many global batches per process (smoke tests and benchmarks)')
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     return resolve_defaults(args)
@@ -190,9 +199,10 @@ class StopRequest:
 
 
 class Trainer:
-    """One training run (one dataset, one RegDB trial): data, model, optimiser, loop, checkpoints."""
+    """One training run (one dataset, one RegDB trial): data, model, optimiser, loop, checkpoints.
+    cache_scope: who builds the training cache (check_run's answer; checks.folder_writer)."""
 
-    def __init__(self, args, trial, ctx, device, logger):
+    def __init__(self, args, trial, ctx, device, logger, cache_scope='all'):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
         self.layout = layout_of(args.dataset)
@@ -214,21 +224,31 @@ class Trainer:
         self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
                                          lambda_2=args.lambda_2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-        self.start_epoch, self.start_step = 0, 0
+        self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
         self.resumed_rng = self.resumed_progress = self.pending_record = None
-        self.saved = None  # (path, epoch, step) of the last checkpoint this run wrote
-        if args.resume:
-            self._resume(resume_path(args, self.last_path))
-        self.loader, self.sampler = self._build_data(lists)
+        self.interrupted = None  # where a resumed checkpoint stopped inside an epoch
+        self.saved = None  # (path, epoch, global batch) of the last checkpoint this run wrote
+        path = resume_path(args, self.last_path, ctx) if args.resume else None
+        if path:
+            self._resume(path)
+        elif args.resume:
+            self.log.info(f'{flag("resume")} auto: no {self.last_path} yet, a new run starts')
+        self.loader, self.sampler = self._build_data(lists, folder_writer(cache_scope, ctx))
+        if self.interrupted is not None:
+            self._continue_epoch(self.interrupted)
         self.train_model = self._wrap(model)
+        self.eval_model = inference_model(model, args)  # compiled once per run with --compile
         self.writer = self._tensorboard()
 
     # -- setup ------------------------------------------------------------------------------
-    def _build_data(self, lists):
+    def _build_data(self, lists, builds_cache):
+        """(loader, sampler); builds_cache: whether this process builds the cache (rank 0, or the
+        first process of each node when every node has its own --cache-dir), the others wait
+        and read it."""
         args, ctx = self.args, self.ctx
         size = (args.img_w, args.img_h)
-        if ctx.is_main:  # one process builds the cache, the others wait and read it
+        if builds_cache:
             for modality in MODALITIES:
                 load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
         self._barrier()
@@ -245,8 +265,9 @@ class Trainer:
             num_workers=args.workers, pin_memory=self.device.type == 'cuda', drop_last=False,
             persistent_workers=False, generator=self.loader_generator)
         self.log.info(f'{self.name}: {self.num_classes} identities, {len(caches[0][1])} visible and '
-                      f'{len(caches[1][1])} infrared training images, {sampler.steps} steps/epoch '
-                      f'on {ctx.world_size} process(es)')
+                      f'{len(caches[1][1])} infrared training images, {sampler.batches} batches of '
+                      f'{args.batch_size}x{args.num_pos}, {sampler.steps} steps/epoch on '
+                      f'{ctx.world_size} process(es)')
         return loader, sampler
 
     def _wrap(self, model):
@@ -283,27 +304,71 @@ class Trainer:
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
         self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
-        self.start_epoch, self.start_step = state['epoch'], state['step']
-        if self.start_step == 0:
-            self.start_epoch += 1
-        else:  # an interrupted epoch: its RNG state and its losses so far continue
-            same_processes = state['rng'].get('world_size') == self.ctx.world_size
-            self.resumed_rng = state['rng'] if same_processes else None
-            self.resumed_progress = state.get('epoch_progress')
+        self.start_epoch = state['epoch'] + (state['step'] == 0)
+        if state['step']:  # an interrupted epoch: continued once the sampler exists
+            self.interrupted = {'path': path, 'sampler': state.get('sampler') or {},
+                                'rng': state.get('rng') or {},
+                                'progress': state.get('epoch_progress')}
         self.pending_record = state.get('evaluation_pending')
         self.saved = (path, state['epoch'], state['step'])
-        self.log.info(f'resumed {path}: epoch {self.start_epoch}, step {self.start_step}')
+        where = (f'inside epoch {state["epoch"]}, after {state["step"]} global batch(es)'
+                 if state['step'] else f'after epoch {state["epoch"]}')
+        self.log.info(f'resumed {path} ({where})')
+        if self.start_epoch >= self.args.epochs and not self.pending_record:
+            self.log.info(f'{path} has trained the {self.start_epoch} epoch(s) that '
+                          f'{flag("epochs")} {self.args.epochs} asks for: nothing left to train')
+
+    def _continue_epoch(self, saved):
+        """Continue the interrupted epoch of a resumed checkpoint at the global batch it reached.
+        The same process count also continues each process's random states, bit-exact; another
+        count continues the batch plan exactly, but each process reseeds its own random stream
+        (the dropout of the network), since the old processes' streams cannot be split or merged.
+        A changed plan (--batch-size, --num_pos, --seed, the training set) restarts the epoch.
+        Anything but an exact continuation is said in one line."""
+        epoch, then = self.start_epoch, saved['sampler']
+        now = self.sampler.state_dict(epoch, 0)
+        changed = [f'{name} ({then.get(key)} -> {now[key]})' for key, name in PLAN_FLAGS.items()
+                   if then.get(key) != now[key]]
+        if not changed and then.get('batches_per_epoch') != now['batches_per_epoch']:
+            changed = [f'the training set ({then.get("batches_per_epoch")} -> '
+                       f'{now["batches_per_epoch"]} batches per epoch)']
+        if 'batch' not in then or changed:
+            why = (', '.join(changed) + ' changed' if changed
+                   else 'the checkpoint does not record its position as global batches')
+            self.log.info(f'epoch {epoch} restarts from its first batch: {why} since '
+                          f'{saved["path"]} was saved, so its interrupted part cannot be continued '
+                          f'exactly.')
+            return
+        world, before = self.ctx.world_size, then['world_size']
+        self.start_batch, self.resumed_progress = then['batch'], saved['progress']
+        states = saved['rng'].get('ranks', [])
+        if before == world and len(states) == world:
+            self.resumed_rng = states[self.ctx.rank]
+            return
+        where = f'epoch {epoch} continues at global batch {self.start_batch} of {self.sampler.batches}'
+        if before == world:  # a checkpoint without every process's random states
+            self.log.info(f'{where}; {saved["path"]} holds no random states of its {world} '
+                          f'processes, so each process reseeds from (seed, epoch, rank, batch).')
+            return
+        steps = max(0, -(-(self._epoch_end() - self.start_batch) // world))
+        self.log.info(
+            f'{where} on {world} process(es) instead of the {before} that saved it: {steps} '
+            f'step(s) left, each process {self.args.batch_size}x{self.args.num_pos} images per '
+            f'modality (a global batch of {self.args.batch_size * world} identities, was '
+            f'{self.args.batch_size * before}); the network\'s random state (dropout, one per '
+            f'process) cannot carry over to another process count, so each process reseeds from '
+            f'(seed, epoch, rank, batch).')
 
     # -- checkpoints -----------------------------------------------------------------------
     def _state(self, epoch, step, metrics=None, progress=None, pending=None):
-        """The checkpoint after `step` steps of `epoch` (step 0: after the whole epoch). Where the
-        run stands: 'epoch' / 'step', the sampler's position ('sampler', the next global batch)
-        and the training process's RNG states ('rng'); the data pipeline's draws are functions of
-        the sampler's position (IdentitySampler.sample_seeds). Mid-epoch, 'epoch_progress' holds
+        """The checkpoint after `step` global batches of `epoch` (step 0: after the whole epoch;
+        one process trains one global batch per step, W processes W). Where the run stands:
+        'epoch' / 'step', the sampler's position ('sampler': global batches consumed, with what
+        the batch plan depends on) and every process's RNG states ('rng': world_size, ranks); the
+        data pipeline's draws are functions of the sampler's position (IdentitySampler). Every
+        process calls it (it gathers their RNG states). Mid-epoch, 'epoch_progress' holds
         the epoch's loss sums and counts so far; 'evaluation_pending' holds the history record
         of an epoch saved before its evaluation, which a resumed run evaluates first."""
-        rng = rng_state()
-        rng['world_size'] = self.ctx.world_size
         position = (epoch, step) if step else (epoch + 1, 0)
         return {
             'format': CHECKPOINT_FORMAT, 'version': __version__,
@@ -313,7 +378,8 @@ class Trainer:
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
             'sampler': self.sampler.state_dict(*position),
-            'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch, 'rng': rng,
+            'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
+            'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
             'epoch_progress': progress, 'evaluation_pending': pending,
             'metrics': metrics or {}, 'args': plain_args(self.args),
             'provenance': self.provenance,
@@ -333,7 +399,8 @@ class Trainer:
         """Which checkpoint a diverged run leaves, as a phrase."""
         if self.saved is not None:
             path, epoch, step = self.saved
-            where = f'after epoch {epoch}' if step == 0 else f'at epoch {epoch}, step {step}'
+            where = (f'after epoch {epoch}' if step == 0
+                     else f'inside epoch {epoch}, after {step} global batch(es)')
             return f'the last good checkpoint is {path} ({where})'
         if os.path.isfile(self.last_path):
             return f'this run saved no checkpoint and left {self.last_path} as it was'
@@ -349,11 +416,11 @@ class Trainer:
             else:
                 self._report(record, None)
         for epoch in range(self.start_epoch, args.epochs):
-            start_step = self.start_step if epoch == self.start_epoch else 0
-            self._seed_epoch(epoch, start_step)
+            start_batch = self.start_batch if epoch == self.start_epoch else 0
+            self._seed_epoch(epoch, start_batch)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
-            losses, train_seconds = self._train_epoch(epoch, start_step, stop)
+            losses, train_seconds = self._train_epoch(epoch, start_batch, stop)
             record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
             if self._evaluation_due(epoch):
                 # saved before it is evaluated: an evaluation that fails costs no training
@@ -380,33 +447,38 @@ class Trainer:
         self._save(self.last_path, self._state(epoch, 0, metrics))
         self._report(record, metrics)
 
-    def _seed_epoch(self, epoch, start_step):
-        if self.resumed_rng is not None and start_step > 0:
+    def _epoch_end(self):
+        """The global batches an epoch covers: the sampler's B, or --max-steps steps' worth."""
+        if self.args.max_steps is None:
+            return self.sampler.batches
+        return min(self.sampler.batches, self.args.max_steps * self.ctx.world_size)
+
+    def _seed_epoch(self, epoch, start_batch):
+        if self.resumed_rng is not None and start_batch > 0:
             set_rng_state(self.resumed_rng)  # continue the interrupted epoch where it stopped
         else:
-            seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank))
+            seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank, start_batch))
         self.resumed_rng = None
         self.loader_generator.manual_seed(epoch_seed(self.args.seed, epoch, self.ctx.rank))
-        self.sampler.set_epoch(epoch, start_step)
+        self.sampler.set_epoch(epoch, start_batch, self._epoch_end())
 
-    def _train_epoch(self, epoch, start_step, stop):
-        """Train steps start_step.. of epoch; returns ({term: mean loss}, seconds), counting what
-        an interrupted run trained before start_step."""
-        args, device = self.args, self.device
+    def _train_epoch(self, epoch, start_batch, stop):
+        """Train the global batches start_batch.. of epoch (this process every world_size-th);
+        returns ({term: mean loss}, seconds), counting what an interrupted run trained before
+        start_batch."""
+        args, device, world = self.args, self.device, self.ctx.world_size
         self.train_model.train()
-        progress = self.resumed_progress if start_step else None
+        progress = self.resumed_progress if start_batch else None
         progress = progress or {'meters': {}, 'train_seconds': 0.0}
         self.resumed_progress = None
         meters = {name: AverageMeter.resumed(total, count)
                   for name, (total, count) in progress['meters'].items()}
         started = time.time()
-        total = self.sampler.steps if args.max_steps is None else min(self.sampler.steps, args.max_steps)
+        done = start_batch // world  # the steps before start_batch, as this process count counts
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        with tqdm(total=total, initial=start_step, desc=f'epoch {epoch}', leave=False,
-                  disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
-            for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, start_step):
-                if step >= total:
-                    break
+        with tqdm(total=done + self.sampler.steps_left, initial=done, desc=f'epoch {epoch}',
+                  leave=False, disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
+            for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, done):
                 visible = visible.to(device, non_blocking=True, memory_format=memory_format)
                 infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
                 labels = torch.cat([visible_labels, infrared_labels]).to(device, non_blocking=True)
@@ -429,7 +501,8 @@ class Trainer:
                 if values[-1] > 0:  # some process was asked to stop: all stop after this step
                     progress = {'meters': {name: [m.sum, m.count] for name, m in meters.items()},
                                 'train_seconds': progress['train_seconds'] + time.time() - started}
-                    self._save(self.last_path, self._state(epoch, step + 1, progress=progress))
+                    consumed = start_batch + (step - done + 1) * world
+                    self._save(self.last_path, self._state(epoch, consumed, progress=progress))
                     raise Interrupted(epoch)
         seconds = progress['train_seconds'] + time.time() - started
         return {name: m.avg for name, m in meters.items()}, seconds
@@ -448,7 +521,7 @@ class Trainer:
         if self.ctx.enabled:  # BN statistics differ per process (each saw its own batches): use rank 0's
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        metrics = selection_rank1(self.model, self.layout, args.data_path, trial=int(self.trial),
+        metrics = selection_rank1(self.eval_model, self.layout, args.data_path, trial=int(self.trial),
                                   mode=args.mode, args=args, device=self.device, ctx=self.ctx)
         metrics['seconds'] = time.time() - start
         return metrics
@@ -518,9 +591,19 @@ def identity_count(lists):
     return int(lists['visible'].pids.max()) + 1
 
 
-def resume_path(args, last_path):
-    """The checkpoint --resume names ("last": the run's own `last`)."""
-    return last_path if args.resume == 'last' else args.resume
+def resume_path(args, last_path, ctx):
+    """The checkpoint --resume names: a file; "last", the run's own `last`; "auto", the run's
+    `last` when it exists, else None (start afresh). Whether `last` exists is rank 0's answer
+    on every process, so that all of them take the same decision."""
+    if args.resume not in ('last', 'auto'):
+        return args.resume
+    if from_main_process(os.path.exists(last_path), ctx):
+        return last_path
+    if args.resume == 'auto':
+        return None
+    raise UserError(f'{flag("resume")} last: there is no {last_path} to continue from; run '
+                    f'without {flag("resume")} to start, or pass the {flag("model_path")} of the '
+                    f'run to continue.')
 
 
 def finite_weights(model):
@@ -530,12 +613,19 @@ def finite_weights(model):
 
 
 def prepare_demo_data(args, ctx):
-    """Generate the demo dataset under --data-path once (main process; the others wait)."""
+    """Generate the demo dataset under --data-path once where a process lacks it: by rank 0
+    when every process sees the folder, else by the first process of each node (the others
+    wait)."""
     from tools.synthetic_data import DEMO_MARKER, make_demo_dataset
-    if args.dataset != 'demo' or os.path.isfile(os.path.join(args.data_path, DEMO_MARKER)):
+    if args.dataset != 'demo':
+        return
+    missing = not os.path.isfile(os.path.join(args.data_path, DEMO_MARKER))
+    if not any(gathered(missing, ctx)):
         return
     check_output_folder(args.data_path, 'data_path', 'the generated demo dataset')
-    if ctx.is_main:
+    scope = check_shared_folders([('data_path', args.data_path, 'the generated demo dataset',
+                                   True)], ctx)['data_path']
+    if folder_writer(scope, ctx):
         make_demo_dataset(args.data_path)
     if ctx.enabled:
         dist.barrier()
@@ -556,34 +646,38 @@ def check_run(args, ctx):
     """Everything the run will read or write, checked before a cache, a model or an epoch is
     built: the data (index files, identities in both modalities, the test images the evaluation
     reads), --resume, --pretrained, the image size, and the output folders with room for the
-    checkpoints and the cache. Raises UserError naming the flag."""
+    checkpoints and the cache; under torchrun, that every process sees what rank 0 writes into
+    --model_path, and --cache-dir shared by all processes or one per node where a cache must be
+    built. Raises UserError naming the flag. Returns the scope of --cache-dir ('all' or 'node',
+    checks.check_shared_folders), which says who builds the cache."""
     check_data_folder(args.data_path, args.dataset)
     check_output_folder(args.log_path, 'log_path', 'logs')
     check_output_folder(args.model_path, 'model_path', 'checkpoints')
     if uses_pretrained(args.pretrained) and args.pretrained.lower() != 'imagenet':
         check_torch_file(args.pretrained, 'pretrained')
     layout, size = layout_of(args.dataset), (args.img_w, args.img_h)
-    files, network = [], None
+    files, network, builds = [], None, False
     for trial in trials_to_run(args):
         lists = train_image_lists(layout, args.data_path, trial=trial)
         IdentitySampler(lists['visible'].pids, lists['infrared'].pids, args.batch_size,
-                        args.num_pos, world_size=ctx.world_size)  # enough identities per step
+                        args.num_pos)  # enough identities per batch
         num_classes = identity_count(lists)
         if args.eval_every:
             check_evaluation_data(layout, args.data_path, trial, args.mode)
         network = network or check_image_size(args, args.method, num_classes, args.dataset)
         best, last = checkpoint_paths(args, trial)
-        if args.resume == 'last' and not os.path.exists(last):
-            raise UserError(f'{flag("resume")} last: there is no {last} to continue from; run '
-                            f'without {flag("resume")} to start, or pass the {flag("model_path")} '
-                            f'of the run to continue.')
-        if args.resume:
-            path = resume_path(args, last)
-            check_resume_state(peek_checkpoint(path, 'resume'), path, args, num_classes, args.epochs)
-        check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
+        path = resume_path(args, last, ctx) if args.resume else None
+        if path:  # "auto" continues a finished run as it is: a restart after its end trains nothing
+            check_resume_state(peek_checkpoint(path, 'resume'), path, args, num_classes,
+                               None if args.resume == 'auto' else args.epochs)
+        builds |= check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
         files += [best, last]
     needed = checkpoint_space(files, checkpoint_estimate(network, args.optim))
     check_free_space(args.model_path, 'model_path', needed, 'the checkpoints of this run')
+    folders = [('model_path', args.model_path, 'the checkpoints', False)]
+    if any(gathered(builds, ctx)):  # a process would build the cache: who sees it matters
+        folders.append(('cache_dir', args.cache_dir, 'the training cache', True))
+    return check_shared_folders(folders, ctx).get('cache_dir', 'all')
 
 
 def main(argv=None):
@@ -591,8 +685,9 @@ def main(argv=None):
     joined = dist.is_initialized()  # a caller's process group (reproduce.py) is left to the caller
     device, ctx = setup_runtime(args)
     try:
+        check_device_flags(args, device)
         prepare_demo_data(args, ctx)
-        check_run(args, ctx)
+        cache_scope = check_run(args, ctx)
         with StopRequest() as stop:
             for trial in trials_to_run(args):
                 name = run_name(args, trial)
@@ -600,10 +695,12 @@ def main(argv=None):
                 if ctx.is_main:
                     save_args(args, name)
                 logger.info(f'{name} on {device} x{ctx.world_size}: ' + ' '.join(sys.argv[1:]))
-                trainer = Trainer(args, trial, ctx, device, logger)
+                trainer = Trainer(args, trial, ctx, device, logger, cache_scope)
                 best = trainer.fit(stop)
                 selection = (f'best Rank-1 {best:.2%} at epoch {trainer.best_epoch}'
-                             if trainer.best_epoch >= 0 else 'not evaluated, best = last')
+                             if trainer.best_epoch >= 0 else
+                             f'no evaluation ({flag("eval_every")} {args.eval_every}): best = the '
+                             f'final weights, epoch {args.epochs - 1}')
                 logger.info(f'{name} done: {selection}; checkpoints {trainer.best_path}, '
                             f'{trainer.last_path}')
     except Interrupted:

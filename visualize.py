@@ -10,11 +10,12 @@ import time
 import numpy as np
 
 import figures
-from checks import (check_data_folder, check_images_exist, check_integer, check_output_folder,
-                    check_runtime_flags, check_torch_file)
+from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
+                    check_output_folder, check_runtime_flags, check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
-from inference import FUSIONS, FeatureStore, extract_features, load_trained_model
+from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
+                       load_trained_model)
 from utils import UserError, add_runtime_args, fill_runtime_defaults, resolve_device, run_main
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
@@ -132,7 +133,8 @@ class TestSet:
         self.matching = dataset_facts(self.layout).matching
         if not args.features:
             check_images_exist(self.image_lists(), 'test')
-            self.model, info = load_trained_model(args.resume, args.dataset, device)
+            model, info = load_trained_model(args.resume, args.dataset, device)
+            self.model = inference_model(model, args)
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
 
     def _trials(self, trial):
@@ -290,6 +292,7 @@ def main(argv=None):
     args = parse_args(argv)
     records = figures.read_history(history_file(args.history)) if 'curves' in args.plots else None
     device = resolve_device(args)
+    check_device_flags(args, device)
     test_set, ids, queries = None, None, None
     if any(plot in FEATURE_PLOTS for plot in args.plots):
         test_set = TestSet(args, device)

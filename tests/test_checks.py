@@ -128,6 +128,22 @@ def test_lr_nan_trains_nothing(llcm_root, tmp_path, capsys):
     assert_refused_up_front(capsys, code, tmp_path, {}, '--lr must be a finite number above 0, got nan.')
 
 
+@pytest.mark.parametrize('flags, phrase', [
+    (['--sync-bn'], '--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)'),
+    (['--amp', 'fp16'], '--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU.'),
+    (['--compile'], '--compile on cpu needs a C++ compiler (no-such-c++'),
+    (['--device', 'meta'], "--device must be cpu, cuda or cuda:N, got 'meta'.")])
+def test_flags_the_device_cannot_honour_are_refused(llcm_root, tmp_path, capsys, monkeypatch,
+                                                    flags, phrase):
+    monkeypatch.setenv('CXX', 'no-such-c++')  # a machine without the compiler torch.compile calls
+    code = run_train(train_argv('llcm', llcm_root, str(tmp_path), *flags))
+    assert_refused_up_front(capsys, code, tmp_path, {}, phrase)
+    if flags[0] != '--sync-bn':  # test.py has the others
+        code = run_main(lambda: test_script.main(['--resume', str(tmp_path / 'x.pth'),
+                                                  '--device', 'cpu', *flags]))
+        assert_refused_up_front(capsys, code, tmp_path, {}, phrase)
+
+
 # ----------------------------------------------------------------------------------------------
 # Late failures found before the first step
 

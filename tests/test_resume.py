@@ -65,7 +65,7 @@ def test_resume_after_sigterm_inside_an_epoch_is_bit_exact(uninterrupted, llcm_r
     assert '--resume' in capsys.readouterr().err
     stopped = last_checkpoint(out)
     assert (stopped['epoch'], stopped['step']) == (1, 2)  # inside epoch 1, after its 2nd step
-    assert stopped['sampler']['epoch'] == 1 and stopped['sampler']['step'] == 2
+    assert stopped['sampler']['epoch'] == 1 and stopped['sampler']['batch'] == 2
     assert training.main(argv + ['--resume', 'last']) == 0
     expected, actual = last_checkpoint(uninterrupted), last_checkpoint(out)
     assert (actual['epoch'], actual['step']) == (1, 0)
@@ -111,14 +111,16 @@ def test_sample_seeds_are_a_function_of_the_global_position():
     sampler.set_epoch(5)
     seeds = [seed for _, _, seed in sampler]
     assert len(set(seeds)) == len(seeds)  # every sample of the epoch its own draws
-    sampler.set_epoch(5, start_step=2)
+    sampler.set_epoch(5, start=2)
     assert [seed for _, _, seed in sampler] == seeds[2 * 4:]  # a resume draws what it would have
     sampler.set_epoch(6)
     assert not set(seed for _, _, seed in sampler) & set(seeds)
     ranks = [IdentitySampler(visible, infrared, 2, 2, seed=3, world_size=2, rank=r) for r in (0, 1)]
-    assert not set(ranks[0].sample_seeds(0)) & set(ranks[1].sample_seeds(0))
+    for rank in ranks:
+        rank.set_epoch(5)
+    assert [seed for _, _, seed in ranks[1]][:4] == seeds[4:8]  # rank 1 draws batch 1's seeds
     state = sampler.state_dict(6, 1)
-    assert state == {'seed': 3, 'epoch': 6, 'step': 1, 'steps_per_epoch': sampler.steps,
+    assert state == {'seed': 3, 'epoch': 6, 'batch': 1, 'batches_per_epoch': sampler.batches,
                      'world_size': 1, 'num_ids': 2, 'num_pos': 2}
 
 
@@ -148,3 +150,19 @@ def test_an_epoch_is_saved_before_its_evaluation_and_evaluated_on_resume(llcm_ro
     assert best['best_epoch'] == 0 and best['metrics']['rank1'] == records[0]['metrics']['rank1']
     assert all(torch.equal(trained[k], best['model'][k]) for k in trained)  # no step retrained
     assert last_checkpoint(out)['evaluation_pending'] is None
+
+
+def test_a_changed_batch_plan_restarts_the_interrupted_epoch_and_says_so(llcm_root, tmp_path,
+                                                                        monkeypatch):
+    out = str(tmp_path)
+    argv = train_argv('llcm', llcm_root, out, *RUN)
+    with monkeypatch.context() as patch:
+        sigterm_during_call(patch, 2)
+        assert training.main(argv) == 130
+    assert last_checkpoint(out)['sampler']['batch'] == 2
+    assert training.main(argv + ['--num_pos', '3', '--resume', 'last']) == 0
+    with open(os.path.join(out, 'logs', 'llcm_deen.log')) as handle:
+        log = handle.read()
+    assert 'epoch 0 restarts from its first batch: --num_pos (2 -> 3) changed since ' in log
+    assert [r['epoch'] for r in history(out)] == [0, 1]
+    assert (last_checkpoint(out)['epoch'], last_checkpoint(out)['step']) == (1, 0)

@@ -32,7 +32,7 @@ def test_sampler_batches_pair_identities_in_both_modalities():
         assert vis_ids[0::2] == vis_ids[1::2]          # identities grouped, same order
 
 
-def test_sampler_is_a_function_of_seed_and_epoch_and_can_skip_steps():
+def test_sampler_is_a_function_of_seed_and_epoch_and_can_skip_batches():
     visible, infrared = labels_with_counts([4] * 8), labels_with_counts([3] * 8)
     sampler = IdentitySampler(visible, infrared, num_ids=2, num_pos=2, seed=5)
     sampler.set_epoch(3)
@@ -41,21 +41,32 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_can_skip_steps():
     assert list(sampler) != first
     sampler.set_epoch(3)
     assert list(sampler) == first
-    sampler.set_epoch(3, start_step=2)
+    sampler.set_epoch(3, start=2)
     assert list(sampler) == first[2 * 4:]
 
 
-def test_sampler_gives_each_process_different_identities_covering_the_plan():
+def test_processes_take_interleaved_batches_of_one_plan_whatever_their_count():
+    """Rank r of W takes global batch s*W + r at step s: the same batches, with the same images
+    and seeds, as one process draws; the last step runs past the B planned batches so that
+    every process has one."""
     visible, infrared = labels_with_counts([3] * 12), labels_with_counts([2] * 12)
+    single = IdentitySampler(visible, infrared, num_ids=2, num_pos=2, seed=0)
+    assert single.batches == 9 and single.steps == 9  # ceil(36 / 4)
+    batches = list(single)
     ranks = [IdentitySampler(visible, infrared, num_ids=2, num_pos=2, seed=0, world_size=3, rank=r)
              for r in range(3)]
-    plan = ranks[0].batch_plan()
-    assert all((s.batch_plan() == plan).all() for s in ranks)
-    streams = [list(s) for s in ranks]
-    for step, step_ids in enumerate(plan):
-        seen = [{visible[v] for v, _, _ in stream[step * 4:(step + 1) * 4]} for stream in streams]
-        assert set().union(*seen) == set(step_ids.tolist())
-        assert sum(len(s) for s in seen) == len(step_ids)  # no identity on two processes
+    assert all(s.batches == 9 and s.steps == 3 for s in ranks)
+    for rank, sampler in enumerate(ranks):
+        stream = list(sampler)
+        assert list(sampler.rank_batches()) == [rank, rank + 3, rank + 6]
+        assert stream == [sample for b in (rank, rank + 3, rank + 6)
+                          for sample in batches[b * 4:(b + 1) * 4]]
+    two = [IdentitySampler(visible, infrared, num_ids=2, num_pos=2, seed=0, world_size=2, rank=r)
+           for r in range(2)]
+    assert [list(s.rank_batches()) for s in two] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    # batch 9 is past the plan: the next batch of the same stream, P distinct identities
+    assert (two[1].batch_plan(10)[:9] == single.batch_plan()).all()
+    assert len({visible[v] for v, _, _ in list(two[1])[-4:]}) == 2
 
 
 def test_sampler_refuses_more_identities_than_exist():
