@@ -17,7 +17,8 @@ from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_dist
                        inference_model, load_trained_model)
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
-from utils import UserError, add_runtime_args, fill_runtime_defaults, load_checkpoint
+from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
+                   load_checkpoint)
 
 RESULTS_FORMAT = 'deen-vireid-results'
 
@@ -216,8 +217,7 @@ def add_test_args(parser):
     parser.add_argument('--trial', default='all', help='RegDB split 1..10 or all; SYSU/LLCM: '
                         'gallery trial 0..9 or all')
     parser.add_argument('--multi-shot', action='store_true', help='SYSU-MM01 multi-shot gallery (10 per id and camera)')
-    parser.add_argument('--img_h', type=int, help='default: the checkpoint\'s')
-    parser.add_argument('--img_w', type=int, help='default: the checkpoint\'s')
+    add_image_size_args(parser)
     parser.add_argument('--output', help='JSON results file (default: next to the checkpoint)')
     parser.add_argument('--save-features', help='also write the extracted test features (with paths, '
                         'ids, cameras, modality) to this torch file; RegDB: put {trial} in it')

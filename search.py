@@ -11,7 +11,8 @@ from data_manager import DATASETS, MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
 from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
                        rank_gallery)
-from utils import UserError, add_runtime_args, fill_runtime_defaults, resolve_device, run_main
+from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
+                   resolve_device, run_main)
 
 MAX_DRAWN_QUERIES = 20  # rows of the rank-list PNG; the JSON holds every query
 NAMED_SKIPPED = 3       # unreadable files named in the message; the JSON lists all
@@ -37,8 +38,7 @@ def parse_args(argv=None):
                         f'<gallery>/{DEFAULT_INDEX_FOLDER})')
     parser.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
                         'class count names no dataset')
-    parser.add_argument('--img_h', type=int, help='default: the checkpoint\'s')
-    parser.add_argument('--img_w', type=int, help='default: the checkpoint\'s')
+    add_image_size_args(parser)
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     fill_runtime_defaults(args)

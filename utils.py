@@ -322,6 +322,12 @@ def init_distributed(device_type):
 # Runtime shared by the scripts: device, precision and input-pipeline flags, device choice,
 # distributed context, autocast
 
+def add_image_size_args(parser):
+    """--img_h / --img_w of the tools that run a trained network (default: the checkpoint's)."""
+    parser.add_argument('--img_h', type=int, help='input height (default: the checkpoint\'s)')
+    parser.add_argument('--img_w', type=int, help='input width (default: the checkpoint\'s)')
+
+
 def add_runtime_args(parser):
     """Device, precision and input-pipeline flags common to train.py and test.py."""
     parser.add_argument('--gpu', type=int, help='CUDA device index (same as --device cuda:N)')

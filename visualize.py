@@ -16,7 +16,8 @@ from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts,
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
 from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
                        load_trained_model)
-from utils import UserError, add_runtime_args, fill_runtime_defaults, resolve_device, run_main
+from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
+                   resolve_device, run_main)
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
 PLOTS = FEATURE_PLOTS + ('curves',)
@@ -56,8 +57,7 @@ def parse_args(argv=None):
     parser.add_argument('--history', help='training curves: a run\'s <log_path>/<name>_history.jsonl, '
                         'or its log folder when it holds one history')
     parser.add_argument('--seed', type=int, default=0, help='random identities, queries, t-SNE')
-    parser.add_argument('--img_h', type=int, help='default: the checkpoint\'s')
-    parser.add_argument('--img_w', type=int, help='default: the checkpoint\'s')
+    add_image_size_args(parser)
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     fill_runtime_defaults(args)

@@ -122,7 +122,7 @@ def test_sharded_extraction_during_training_matches_one_process(ddp_run, llcm_ro
 
 
 def test_bf16_autocast_on_cpu_trains_and_tests(llcm_root, tmp_path, capsys):
-    argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 3, '--lr', 0.2, '--warmup', 1,
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 3, '--lr', 0.05, '--warmup', 1,
                       '--amp', 'bf16', '--eval-every', 0, '--channels-last')
     assert training.main(argv) == 0
     losses = epoch_losses(tmp_path / 'logs' / 'llcm_deen.log')
