@@ -174,7 +174,7 @@ def test_cuda_equals_reference():
     for kind in KINDS:
         features, num_q = random_features(rng, kind)
         distances = euclidean(features, num_q)
-        actual = k_reciprocal_rerank(*[torch.from_numpy(d).cuda() for d in distances], k1=7)
+        actual = k_reciprocal_rerank(*[torch.from_numpy(d).to('cuda') for d in distances], k1=7)
         assert actual.device.type == 'cuda'
         np.testing.assert_allclose(actual.cpu().numpy(), reference_rerank(*distances, k1=7),
                                    atol=1e-5, rtol=0)
