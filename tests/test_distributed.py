@@ -44,7 +44,8 @@ def torchrun_command(script_argv, nproc=2, nnodes=1, port=None, restarts=0):
 def run_probe(out, argv, restarts=0, **env):
     """train.py under tests/ddp_probe.py on two processes; returns (completed process, records
     of each rank)."""
-    env = dict(os.environ, PROBE_OUT=str(out), OMP_NUM_THREADS='1', **env)
+    # TMPDIR: torchrun's own scratch folders go with the test's, not into /tmp
+    env = dict(os.environ, PROBE_OUT=str(out), OMP_NUM_THREADS='1', TMPDIR=str(out), **env)
     result = subprocess.run(torchrun_command([PROBE, *argv], restarts=restarts), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     records = [json.load(open(out / f'probe_rank{rank}.json')) for rank in range(2)
@@ -260,7 +261,7 @@ def run_two_nodes(tmp_path, argv):
     """train.py under two torchrun launchers of one process each (--nnodes 2), started in
     tmp_path/node0 and tmp_path/node1; returns their completed processes."""
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))
     launchers = []
     for node in range(2):
         (tmp_path / f'node{node}').mkdir()
