@@ -243,6 +243,28 @@ def finished_run(llcm_root, tmp_path_factory):
     return out
 
 
+def write_truncated_torch_file(path):
+    torch.save({'w': torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def write_npy(path):
+    with open(path, 'wb') as handle:  # np.save(path) would add '.npy' to the name
+        np.save(handle, np.zeros(3))
+
+
+# What a checkpoint path can wrongly hold ('missing' is none of these: nothing is written).
+BAD_FILES = {
+    'folder': lambda path: path.mkdir(),
+    'empty': lambda path: path.write_bytes(b''),
+    'jpeg': lambda path: Image.new('RGB', (4, 4)).save(path, format='JPEG'),
+    'png': lambda path: Image.new('RGB', (4, 4)).save(path, format='PNG'),
+    'text': lambda path: path.write_text('hello\n'),
+    'npy': write_npy,
+    'truncated': write_truncated_torch_file,
+}
+
+
 @pytest.mark.parametrize('kind, phrase', [
     ('missing', 'does not exist'), ('folder', 'is a folder; expected a file'),
     ('empty', 'is empty (0 bytes)'), ('jpeg', 'is not a PyTorch file but a JPEG image'),
@@ -254,16 +276,8 @@ def test_bad_resume_checkpoints_are_refused_before_work(finished_run, llcm_root,
                                                         kind, phrase):
     last = finished_run / 'models' / 'llcm_deen_last.pth'
     path, extra = tmp_path / 'given.pth', []
-    if kind == 'folder':
-        path.mkdir()
-    elif kind == 'empty':
-        path.write_bytes(b'')
-    elif kind == 'jpeg':
-        Image.new('RGB', (4, 4)).save(path, format='JPEG')
-    elif kind == 'text':
-        path.write_text('hello\n')
-    elif kind == 'truncated':
-        path.write_bytes(last.read_bytes()[:100_000])
+    if kind in BAD_FILES:
+        BAD_FILES[kind](path)
     elif kind in ('finished', 'method'):
         path = last
         extra = ['--method', 'agw'] if kind == 'method' else []
@@ -399,18 +413,8 @@ def test_a_save_failing_mid_run_is_one_sentence_and_keeps_last(finished_run, llc
                   'failed finding central directory).')])
 def test_load_checkpoint_names_the_kind_of_problem(tmp_path, kind, phrase):
     path = tmp_path / 'file.pth'
-    if kind == 'folder':
-        path.mkdir()
-    elif kind == 'empty':
-        path.write_bytes(b'')
-    elif kind == 'png':
-        Image.new('RGB', (4, 4)).save(path, format='PNG')
-    elif kind == 'npy':
-        with open(path, 'wb') as handle:
-            np.save(handle, np.zeros(3))
-    elif kind == 'truncated':
-        torch.save({'w': torch.zeros(1000)}, path)
-        path.write_bytes(path.read_bytes()[:300])
+    if kind in BAD_FILES:
+        BAD_FILES[kind](path)
     with pytest.raises(UserError) as refused:
         load_checkpoint(path)
     assert str(refused.value) == f'checkpoint {path} {phrase}'

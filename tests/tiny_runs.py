@@ -68,18 +68,24 @@ def randomise_batchnorm(model, seed=0):
     return model
 
 
-def poison_loss_at(monkeypatch, call):
-    """Make train.py's criterion return a NaN loss at its `call`-th call (1-based)."""
+def at_criterion_call(monkeypatch, call, act):
+    """Make train.py's criterion pass its `call`-th result (1-based) through act(loss, parts),
+    which returns the (loss, parts) the training step gets."""
     import training
     build = training.build_criterion
 
-    def poisoned(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         criterion, calls = build(*args, **kwargs), []
 
         def compute(output, labels):
             calls.append(1)
-            loss, parts = criterion(output, labels)
-            return (loss * float('nan'), parts) if len(calls) == call else (loss, parts)
+            result = criterion(output, labels)
+            return act(*result) if len(calls) == call else result
         return compute
 
-    monkeypatch.setattr(training, 'build_criterion', poisoned)
+    monkeypatch.setattr(training, 'build_criterion', wrapped)
+
+
+def poison_loss_at(monkeypatch, call):
+    """Make train.py's criterion return a NaN loss at its `call`-th call (1-based)."""
+    at_criterion_call(monkeypatch, call, lambda loss, parts: (loss * float('nan'), parts))
