@@ -1,7 +1,6 @@
 """The test protocols of SYSU-MM01, RegDB and LLCM run on a model: every setting's query/gallery
 splits, one feature extraction for all trials, the metrics per fusion, summaries and tables, and
 test.py's whole run (flags, results file with its provenance) for test.py and reproduce.py."""
-import argparse
 import json
 import os
 import textwrap
@@ -18,7 +17,7 @@ from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_dist
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   load_checkpoint)
+                   load_checkpoint, manual_parser)
 
 RESULTS_FORMAT = 'deen-vireid-results'
 
@@ -205,32 +204,43 @@ def separate_extraction_cost(splits):
 # test.py's run: flags, dataset from the checkpoint, results file with provenance, tables
 
 def add_test_args(parser):
-    """The flags of the test protocol: test.py's, and what reproduce.py passes to its tests."""
-    parser.add_argument('--dataset', choices=DATASETS, help='default: the one the checkpoint '
-                        'records (ours), or that a released checkpoint\'s class count names '
-                        '(395 SYSU-MM01, 206 RegDB, 713 LLCM)')
-    parser.add_argument('--data-path', help='dataset root (default: data/<name>)')
-    parser.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} '
-                        'in the path to use each split\'s own model')
-    parser.add_argument('--mode', default='both', choices=('all', 'indoor', 'both'),
-                        help='SYSU-MM01 search mode(s)')
-    parser.add_argument('--trial', default='all', help='RegDB split 1..10 or all; SYSU/LLCM: '
-                        'gallery trial 0..9 or all')
-    parser.add_argument('--multi-shot', action='store_true', help='SYSU-MM01 multi-shot gallery (10 per id and camera)')
-    add_image_size_args(parser)
-    parser.add_argument('--output', help='JSON results file (default: next to the checkpoint)')
-    parser.add_argument('--save-features', help='also write the extracted test features (with paths, '
-                        'ids, cameras, modality) to this torch file; RegDB: put {trial} in it')
+    """The flags of the test protocol, in the groups of test.py's --help: test.py's, and what
+    reproduce.py passes to its tests."""
+    data = parser.add_argument_group('data and protocol')
+    data.add_argument('--dataset', choices=DATASETS, help='dataset (default: the one the '
+                      'checkpoint records (ours), or that a released checkpoint\'s class count names '
+                      '(395 SYSU-MM01, 206 RegDB, 713 LLCM))')
+    data.add_argument('--data-path', help='dataset root (default: data/<name>)')
+    data.add_argument('--mode', default='both', choices=('all', 'indoor', 'both'),
+                      help='SYSU-MM01 search mode(s)')
+    data.add_argument('--trial', default='all', help='RegDB split 1..10 or all; SYSU-MM01, LLCM: '
+                      'gallery trial 0..9 or all')
+    data.add_argument('--multi-shot', action='store_true',
+                      help='SYSU-MM01 multi-shot gallery (10 images per identity and camera)')
+    model = parser.add_argument_group('model')
+    model.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} in '
+                       'the path to use each split\'s own model')
+    add_image_size_args(model)
+    output = parser.add_argument_group('output')
+    output.add_argument('--output', help='JSON results file (default: next to the checkpoint)')
+    output.add_argument('--save-features', help='also write the extracted test features (with '
+                        'paths, ids, cameras, modality) to this torch file; RegDB: put {trial} '
+                        'in it')
     add_rerank_args(parser)
     add_runtime_args(parser)
+
+
+def build_test_parser(description=None):
+    """test.py's parser (its --help)."""
+    parser = manual_parser(description)
+    add_test_args(parser)
+    return parser
 
 
 def parse_test_args(argv=None, description=None):
     """test.py's arguments (runtime defaults filled in; dataset and data path may stay unset
     until resolve_dataset reads the checkpoint)."""
-    parser = argparse.ArgumentParser(description=description)
-    add_test_args(parser)
-    args = parser.parse_args(argv)
+    args = build_test_parser(description).parse_args(argv)
     fill_runtime_defaults(args)
     check_runtime_flags(args)
     check_rerank_flags(args)
@@ -397,15 +407,16 @@ def _describe_side(modality, draw, multi_shot, facts, mode):
 # k-reciprocal re-ranking (test.py --rerank): the re-ranked numbers go beside the plain ones
 
 def add_rerank_args(parser):
-    """--rerank and its parameters (the paper's values by default)."""
+    """The "re-ranking" group: --rerank and its parameters (the paper's values by default)."""
+    parser = parser.add_argument_group('re-ranking', 'k-reciprocal re-ranking (docs/testing.md)')
     parser.add_argument('--rerank', action='store_true', help='also report every setting after '
                         'k-reciprocal re-ranking (Zhong et al., CVPR 2017), in tables of its own')
     parser.add_argument('--k1', type=int, help=f're-ranking: k of the k-reciprocal neighbours '
-                        f'(default {K1})')
+                        f'(default: {K1})')
     parser.add_argument('--k2', type=int, help=f're-ranking: neighbours averaged by the local '
-                        f'query expansion (default {K2}; 1: none)')
+                        f'query expansion, 1: none (default: {K2})')
     parser.add_argument('--lambda', type=float, dest='lambda_value', help=f're-ranking: weight '
-                        f'of the original distance beside the Jaccard distance (default {LAMBDA})')
+                        f'of the original distance beside the Jaccard distance (default: {LAMBDA})')
 
 
 def check_rerank_flags(args):

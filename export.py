@@ -1,6 +1,5 @@
 """Export a trained DEEN/AGW checkpoint to ONNX (one modality's stem, or both in one graph) with
 test.py's features as output, and check the file against PyTorch with onnxruntime right away."""
-import argparse
 import os
 import sys
 
@@ -12,29 +11,37 @@ from inference import image_paths, load_trained_model
 from onnx_export import (EXAMPLE_BATCH, OPSET, TOLERANCE, ExportMismatch, export_onnx, image_batch,
                          io_names, require_onnx, verify_export)
 from tools.synthetic_data import image_rng, render_person
-from utils import run_main
+from utils import manual_parser, run_main
 
 SYNTHETIC_CHECK_IMAGES = 5  # people drawn per modality when no --images are given
 RANDOM_CHECK_BATCH = EXAMPLE_BATCH + 1  # random inputs: a batch size the export did not trace
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
-                        '.t file)')
-    parser.add_argument('--modality', default='both', choices=(*MODALITIES, 'both'),
-                        help='the stem(s) in the graph: one input per modality')
-    parser.add_argument('--out', help='ONNX file (default: the checkpoint\'s path with '
+def build_parser():
+    """export.py's flags, grouped as its --help shows them (docs/search-export-api.md)."""
+    parser = manual_parser(__doc__)
+    model = parser.add_argument_group('model')
+    model.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
+                       '.t file)')
+    model.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
+                       'class count names no dataset')
+    graph = parser.add_argument_group('graph')
+    graph.add_argument('--modality', default='both', choices=(*MODALITIES, 'both'),
+                       help='the stem(s) in the graph: one input per modality')
+    graph.add_argument('--fp16', action='store_true', help='float16 weights and arithmetic '
+                       '(inputs and outputs stay float32)')
+    graph.add_argument('--opset', type=int, default=OPSET, help='ONNX opset')
+    output = parser.add_argument_group('output and check')
+    output.add_argument('--out', help='ONNX file (default: the checkpoint\'s path with '
                         '_<modality>.onnx)')
-    parser.add_argument('--fp16', action='store_true', help='float16 weights and arithmetic '
-                        '(inputs and outputs stay float32)')
-    parser.add_argument('--images', nargs='+', metavar='PATH',
+    output.add_argument('--images', nargs='+', metavar='PATH',
                         help='image files or folders to check the export on (default: synthetic '
                              'people drawn at the model\'s size)')
-    parser.add_argument('--opset', type=int, default=OPSET, help='ONNX opset')
-    parser.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
-                        'class count names no dataset')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.out = args.out or f'{os.path.splitext(args.resume)[0]}_{args.modality}.onnx'
     return args
 

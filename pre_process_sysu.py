@@ -1,22 +1,28 @@
 """Build the SYSU-MM01 training cache in the dataset folder: every training image (train + val
 ids) resized to 144x384 as uint8 arrays, labels relabelled 0..N-1."""
-import argparse
 import sys
 
 from checks import check_cache_build, check_data_folder, check_integer
 from data_loader import load_or_build_cache
 from data_manager import MODALITIES, train_image_lists
-from utils import run_main
+from utils import manual_parser, run_main
+
+
+def build_parser():
+    """pre_process_sysu.py's flags (its --help; docs/datasets.md)."""
+    parser = manual_parser(__doc__)
+    data = parser.add_argument_group('data')
+    data.add_argument('--data-path', default='data/SYSU-MM01', help='SYSU-MM01 root folder')
+    data.add_argument('--img_h', type=int, default=384, help='cached image height')
+    data.add_argument('--img_w', type=int, default=144, help='cached image width')
+    output = parser.add_argument_group('output and runtime')
+    output.add_argument('--cache-dir', help='where to write the .npy files (default: --data-path)')
+    output.add_argument('--workers', type=int, default=4, help='image-decoding processes')
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--data-path', default='data/SYSU-MM01', help='SYSU-MM01 root folder')
-    parser.add_argument('--cache-dir', help='where to write the .npy files (default: --data-path)')
-    parser.add_argument('--img_h', type=int, default=384)
-    parser.add_argument('--img_w', type=int, default=144)
-    parser.add_argument('--workers', type=int, default=4)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.cache_dir = args.cache_dir or args.data_path
     for dest in ('img_h', 'img_w'):
         check_integer(getattr(args, dest), dest, 1)

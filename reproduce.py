@@ -17,7 +17,7 @@ from data_manager import DATASETS, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
 from inference import FUSIONS
 from paper_results import compare, comparison_markdown, write_comparison
-from utils import UserError, load_checkpoint, run_main, setup_runtime
+from utils import UserError, load_checkpoint, manual_parser, run_main, setup_runtime
 
 TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
 # train.py flags that reproduce.py sets for each part, and what to use instead
@@ -26,29 +26,42 @@ CONTROLLED = {'--dataset': '--dataset', '--method': '--method', '--seed': '--see
               '--model_path': '--out', '--log_path': '--out'}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, allow_abbrev=False,
+def build_parser():
+    """reproduce.py's own flags (its --help); every other flag is train.py's (EXTRA_PARSERS)."""
+    parser = manual_parser(
+        __doc__, allow_abbrev=False,
         epilog='Every other flag is a train.py flag passed to each training (e.g. --epochs, '
                '--data-path, --amp bf16); its runtime flags (--device, --gpu, --workers, '
                '--test-batch, --amp, --channels-last, --compile, --deterministic) also go to '
                'each test. Under torchrun the trainings and tests run distributed.')
-    parser.add_argument('--dataset', required=True, choices=(*DATASETS, 'all'),
-                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM')
-    parser.add_argument('--method', default='deen', choices=tuple(training.METHOD_DEFAULTS))
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0],
-                        help='training seeds; with several, ours is the mean over all of them')
-    parser.add_argument('--trials', type=int, nargs='+',
-                        help='RegDB splits to run (default: all ten)')
-    parser.add_argument('--out', default=os.path.join('runs', 'reproduce'),
+    table = parser.add_argument_group('the table')
+    table.add_argument('--dataset', required=True, choices=(*DATASETS, 'all'),
+                       help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM')
+    table.add_argument('--method', default='deen', choices=tuple(training.METHOD_DEFAULTS),
+                       help='the method whose rows are reproduced')
+    table.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
+                       help='the fusion compared with the published numbers')
+    runs = parser.add_argument_group('runs')
+    runs.add_argument('--seeds', type=int, nargs='+', default=[0],
+                      help='training seeds; with several, ours is the mean over all of them')
+    runs.add_argument('--trials', type=int, nargs='+',
+                      help='RegDB splits to run (default: all ten)')
+    output = parser.add_argument_group('output')
+    output.add_argument('--out', default=os.path.join('runs', 'reproduce'),
                         help='folder of the checkpoints, logs, results files and comparisons')
-    parser.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
-                        help='the fusion compared with the published numbers')
-    parser.add_argument('--dry-run', action='store_true',
+    output.add_argument('--dry-run', action='store_true',
                         help='print the plan (every part, its files, whether it is done) and stop')
-    parser.add_argument('--report', action='store_true',
+    output.add_argument('--report', action='store_true',
                         help='print and write the comparison from the finished parts, run nothing')
-    args, train_flags = parser.parse_known_args(argv)
+    return parser
+
+
+# The parsers of the flags reproduce.py passes on: every other flag is train.py's.
+EXTRA_PARSERS = (training.build_parser,)
+
+
+def parse_args(argv=None):
+    args, train_flags = build_parser().parse_known_args(argv)
     check_args(args, train_flags)
     args.train_flags = train_flags
     return args

@@ -1,6 +1,5 @@
 """Search a folder of your own images with a trained DEEN/AGW checkpoint: rank every gallery image
 for each query image of the other modality, print the top-k, write JSON and a rank-list PNG."""
-import argparse
 import json
 import os
 import sys
@@ -12,35 +11,44 @@ from gallery_index import DEFAULT_INDEX_FOLDER, update_index
 from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
                        rank_gallery)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   resolve_device, run_main)
+                   manual_parser, resolve_device, run_main)
 
 MAX_DRAWN_QUERIES = 20  # rows of the rank-list PNG; the JSON holds every query
 NAMED_SKIPPED = 3       # unreadable files named in the message; the JSON lists all
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
-                        '.t file)')
-    parser.add_argument('--query', required=True, nargs='+', metavar='PATH',
+def build_parser():
+    """search.py's flags, grouped as its --help shows them (docs/search-export-api.md)."""
+    parser = manual_parser(__doc__)
+    model = parser.add_argument_group('model')
+    model.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
+                       '.t file)')
+    model.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
+                       'class count names no dataset')
+    add_image_size_args(model)
+    images = parser.add_argument_group('query and gallery')
+    images.add_argument('--query', required=True, nargs='+', metavar='PATH',
                         help='query image files and/or folders of them (searched recursively)')
-    parser.add_argument('--query-modality', required=True, choices=MODALITIES)
-    parser.add_argument('--gallery', required=True, metavar='DIR',
+    images.add_argument('--query-modality', required=True, choices=MODALITIES,
+                        help='the modality of the query images')
+    images.add_argument('--gallery', required=True, metavar='DIR',
                         help='folder of gallery images (searched recursively)')
-    parser.add_argument('--gallery-modality', choices=MODALITIES,
+    images.add_argument('--gallery-modality', choices=MODALITIES,
                         help='default: the other modality than --query-modality')
-    parser.add_argument('--topk', type=int, default=10, help='gallery images shown per query')
-    parser.add_argument('--out', default='search_results', metavar='DIR',
-                        help='folder for search.json and search.png')
-    parser.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
-                        help='the fused distance of test.py to rank by')
-    parser.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
+    images.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
                         f'<gallery>/{DEFAULT_INDEX_FOLDER})')
-    parser.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
-                        'class count names no dataset')
-    add_image_size_args(parser)
+    ranking = parser.add_argument_group('ranking and output')
+    ranking.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
+                         help='the fused distance of test.py to rank by')
+    ranking.add_argument('--topk', type=int, default=10, help='gallery images shown per query')
+    ranking.add_argument('--out', default='search_results', metavar='DIR',
+                         help='folder for search.json and search.png')
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     fill_runtime_defaults(args)
     check_runtime_flags(args)
     check_integer(args.topk, 'topk', 1)

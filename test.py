@@ -2,8 +2,12 @@
 RegDB and LLCM: every distinct test image passes through the network once, all trials reuse it."""
 import sys
 
-from evaluation import parse_test_args, run_test
+from evaluation import build_test_parser, parse_test_args, run_test
 from utils import run_main, setup_runtime
+
+
+def build_parser():
+    return build_test_parser(description=__doc__)
 
 
 def parse_args(argv=None):

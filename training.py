@@ -1,6 +1,5 @@
 """Training runs as a library: train.py's flags and recipes, the Trainer (data, model, optimiser,
 loop, checkpoints, history) and main(argv), which train.py and reproduce.py call."""
-import argparse
 import json
 import math
 import os
@@ -27,8 +26,8 @@ from inference import CHECKPOINT_FORMAT, inference_model
 from provenance import run_provenance
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
                    autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
-                   from_main_process, gathered, load_checkpoint, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_logger, setup_runtime)
+                   from_main_process, gathered, load_checkpoint, manual_parser, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_logger, setup_runtime)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
@@ -70,50 +69,72 @@ DESCRIPTION = ('Train DEEN (or the AGW baseline) on SYSU-MM01, RegDB, LLCM or th
                'atomic checkpoints.')
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
-    parser.add_argument('--dataset', default='llcm', choices=DATASETS)
-    parser.add_argument('--data-path', help='dataset root (default: data/<name>; demo: generated there)')
-    parser.add_argument('--method', default='deen', choices=tuple(METHOD_DEFAULTS))
-    parser.add_argument('--arch', choices=BACKBONES, help='trunk (default resnet50, as in the paper)')
-    parser.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default sgd: Nesterov, '
-                        'momentum 0.9, weight decay 5e-4; adam: the same weight decay)')
-    parser.add_argument('--lr', type=float, help='base learning rate of BNNeck and classifier '
-                        '(a pretrained trunk trains at 0.1x); default 0.1')
-    parser.add_argument('--batch-size', type=int, help='identities per step per process (P)')
-    parser.add_argument('--num_pos', type=int, help='images per identity per modality (K)')
-    parser.add_argument('--epochs', type=int, help='number of epochs (DEEN 151, AGW 81)')
-    parser.add_argument('--warmup', type=int, help='epochs of linear learning-rate warm-up (10)')
-    parser.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning rate '
-                        'drops x0.1 (DEEN 20 80, AGW 20 50)')
-    parser.add_argument('--trial', default='1', help='RegDB split 1..10, or "all" to train the ten '
-                        'splits one after another')
-    parser.add_argument('--mode', default='all', choices=('all', 'indoor'),
-                        help='SYSU-MM01 search mode used for model selection')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--resume', help='checkpoint to continue from: a file, "last" (this run\'s '
-                        'last), or "auto" (this run\'s last when it exists, else start afresh: '
-                        'what torchrun --max-restarts needs to resume a restarted group)')
-    parser.add_argument('--model_path', default='save_model', help='folder for checkpoints')
-    parser.add_argument('--log_path', default='log', help='folder for logs, arguments, TensorBoard')
-    parser.add_argument('--cache-dir', help='folder of the resized training-image cache '
-                        '(default: the dataset folder)')
-    parser.add_argument('--img_h', type=int)
-    parser.add_argument('--img_w', type=int)
-    parser.add_argument('--lambda_1', type=float, default=0.8, help='weight of the CPM loss')
-    parser.add_argument('--lambda_2', type=float, default=0.01,
-                        help='weight of the orthogonal loss (released code 0.01, paper 0.1)')
-    parser.add_argument('--margin', type=float, default=0.3, help='triplet margin')
-    parser.add_argument('--eval-every', type=int, help='evaluate every N epochs (0: never); default 1')
-    parser.add_argument('--pretrained', help='imagenet (default), none, or a torchvision ResNet-50 '
-                        'state-dict file')
-    parser.add_argument('--sync-bn', action='store_true',
-                        help='SyncBatchNorm across processes (CUDA GPUs only)')
-    parser.add_argument('--max-steps', type=int, help='stop each epoch after this many steps, '
-                        'i.e. this many global batches per process (smoke tests and benchmarks)')
+def build_parser():
+    """train.py's flags, grouped as its --help shows them (docs/training.md, Flags). Flags left
+    unset here take the method's recipe, then the dataset's overrides (resolve_defaults)."""
+    parser = manual_parser(DESCRIPTION, epilog='Flags without a default here take the '
+                           '--method\'s released recipe, then the --dataset\'s overrides '
+                           '(docs/training.md).')
+    data = parser.add_argument_group('data')
+    data.add_argument('--dataset', default='llcm', choices=DATASETS, help='dataset to train on')
+    data.add_argument('--data-path', help='dataset root (default: data/<name>; demo: generated '
+                      'there)')
+    data.add_argument('--cache-dir', help='folder of the resized training-image cache (default: '
+                      'the dataset folder)')
+    data.add_argument('--trial', default='1', help='RegDB split 1..10, or "all" to train the ten '
+                      'splits one after another')
+    data.add_argument('--mode', default='all', choices=('all', 'indoor'),
+                      help='SYSU-MM01 search mode used for model selection')
+    data.add_argument('--img_h', type=int, help='input height (default: per method, DEEN 384, AGW '
+                      '288)')
+    data.add_argument('--img_w', type=int, help='input width (default: per method, 144)')
+
+    model = parser.add_argument_group('model and losses')
+    model.add_argument('--method', default='deen', choices=tuple(METHOD_DEFAULTS),
+                       help='network, losses and released recipe')
+    model.add_argument('--arch', choices=BACKBONES, help='trunk (default: resnet50, as in the '
+                       'paper)')
+    model.add_argument('--pretrained', help='imagenet (default), none, or a local torchvision '
+                       'state-dict file of the --arch trunk')
+    model.add_argument('--lambda_1', type=float, default=0.8, help='weight of the CPM loss')
+    model.add_argument('--lambda_2', type=float, default=0.01,
+                       help='weight of the orthogonal loss, as the released code; the paper states 0.1')
+    model.add_argument('--margin', type=float, default=0.3, help='triplet margin')
+    model.add_argument('--sync-bn', action='store_true',
+                       help='SyncBatchNorm across processes (CUDA GPUs only)')
+
+    schedule = parser.add_argument_group('schedule')
+    schedule.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default: sgd, '
+                          'Nesterov, momentum 0.9; both with weight decay 5e-4)')
+    schedule.add_argument('--lr', type=float, help='base learning rate of BNNeck and classifier; '
+                          'a pretrained trunk trains at 0.1x (default: 0.1)')
+    schedule.add_argument('--batch-size', type=int, help='identities per step per process (P) '
+                          '(default: DEEN 6, AGW 8)')
+    schedule.add_argument('--num_pos', type=int, help='images per identity per modality (K) '
+                          '(default: 4)')
+    schedule.add_argument('--epochs', type=int, help='number of epochs (default: DEEN 151, AGW 81)')
+    schedule.add_argument('--warmup', type=int, help='epochs of linear learning-rate warm-up '
+                          '(default: 10)')
+    schedule.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning '
+                          'rate drops x0.1 (default: DEEN 20 80, AGW 20 50)')
+    schedule.add_argument('--eval-every', type=int, help='evaluate every N epochs, 0: never '
+                          '(default: 1)')
+    schedule.add_argument('--seed', type=int, default=0, help='seed of every random draw')
+    schedule.add_argument('--max-steps', type=int, help='stop each epoch after this many steps per '
+                          'process (smoke tests and benchmarks)')
+
+    output = parser.add_argument_group('output and resume')
+    output.add_argument('--model_path', default='save_model', help='folder for checkpoints')
+    output.add_argument('--log_path', default='log', help='folder for logs, arguments, '
+                        'TensorBoard')
+    output.add_argument('--resume', help='a checkpoint, "last" (this run\'s last) or "auto" (last '
+                        'when it exists, else a new run: for torchrun --max-restarts)')
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
-    return resolve_defaults(args)
+    return parser
+
+
+def parse_args(argv=None):
+    return resolve_defaults(build_parser().parse_args(argv))
 
 
 def resolve_defaults(args):

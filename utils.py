@@ -1,6 +1,7 @@
 """Shared helpers: user-facing errors, seeding, the identity-balanced cross-modal sampler,
 meters, logging, the run-time setup (device, distributed context, autocast, runtime flags) and
 checkpoint I/O (atomic, weights-only)."""
+import argparse
 import contextlib
 import errno
 import glob
@@ -322,19 +323,42 @@ def init_distributed(device_type):
 # Runtime shared by the scripts: device, precision and input-pipeline flags, device choice,
 # distributed context, autocast
 
-def add_image_size_args(parser):
+class ManualHelpFormatter(argparse.HelpFormatter):
+    """--help as a manual page: each flag's help followed by "(default: X)" when it has a fixed
+    default; flags resolved later (per method, dataset or checkpoint) say so in their own help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if (action.default in (None, False, argparse.SUPPRESS) or 'default' in text
+                or action.option_strings == [] and action.nargs in ('*', '?')):
+            return text
+        default = (' '.join(map(str, action.default))
+                   if isinstance(action.default, (list, tuple)) else action.default)
+        return f'{text} (default: {str(default).replace("%", "%%")})'
+
+
+def manual_parser(description, epilog=None, **kwargs):
+    """The argparse parser of a command-line tool, with ManualHelpFormatter; the tool adds its
+    flags in argument groups (data, model, schedule, runtime, output, ...)."""
+    return argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=ManualHelpFormatter, **kwargs)
+
+
+def add_image_size_args(group):
     """--img_h / --img_w of the tools that run a trained network (default: the checkpoint's)."""
-    parser.add_argument('--img_h', type=int, help='input height (default: the checkpoint\'s)')
-    parser.add_argument('--img_w', type=int, help='input width (default: the checkpoint\'s)')
+    group.add_argument('--img_h', type=int, help='input height (default: the checkpoint\'s)')
+    group.add_argument('--img_w', type=int, help='input width (default: the checkpoint\'s)')
 
 
 def add_runtime_args(parser):
-    """Device, precision and input-pipeline flags common to train.py and test.py."""
+    """The "runtime" group: device, precision and input-pipeline flags of every tool that runs
+    a network (train.py, test.py, visualize.py, search.py)."""
+    parser = parser.add_argument_group('runtime', 'device, precision and data loading')
     parser.add_argument('--gpu', type=int, help='CUDA device index (same as --device cuda:N)')
     parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--workers', type=int, help='data-loading processes (default: 4, fewer on machines '
                         'with fewer cores)')
-    parser.add_argument('--test-batch', type=int, help='test images per forward pass (default 64)')
+    parser.add_argument('--test-batch', type=int, help='test images per forward pass (default: 64)')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='mixed precision (autocast): bf16 on CPU or CUDA; fp16, with a '
                         'gradient scaler, on CUDA only')

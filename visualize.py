@@ -1,6 +1,5 @@
 """Figures of a trained DEEN/AGW model on a test set (t-SNE, pair distances, rank lists, CMC) from
 features extracted once or saved by test.py --save-features, and a run's training curves."""
-import argparse
 import glob
 import json
 import os
@@ -17,49 +16,58 @@ from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_da
 from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
                        load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   resolve_device, run_main)
+                   manual_parser, resolve_device, run_main)
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
 PLOTS = FEATURE_PLOTS + ('curves',)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser():
+    """visualize.py's flags, grouped as its --help shows them (docs/figures.md, Flags)."""
+    parser = manual_parser(__doc__)
     parser.add_argument('plots', nargs='*', metavar='PLOT',
                         help=f'any of {", ".join(PLOTS)} (default: all of them; curves when '
                              f'--history is given)')
-    parser.add_argument('--dataset', choices=DATASETS, help='default: the one the checkpoint or '
-                        'the --features file names')
-    parser.add_argument('--data-path', help='dataset root (default: the one the --features were '
-                        'extracted from, else data/<name>)')
-    parser.add_argument('--resume', help='checkpoint (ours or released DEEN/AGW) to extract the '
+    source = parser.add_argument_group('model or features')
+    source.add_argument('--resume', help='checkpoint (ours or released DEEN/AGW) to extract the '
                         'test features with')
-    parser.add_argument('--features', help='test features written by test.py --save-features '
+    source.add_argument('--features', help='test features written by test.py --save-features '
                         '(no extraction, no --resume needed)')
-    parser.add_argument('--out', required=True, help='folder for the PNGs and their JSON numbers')
-    parser.add_argument('--mode', default='all', choices=('all', 'indoor', 'both'),
-                        help='SYSU-MM01 search mode(s)')
-    parser.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default '
-                        'all), or the RegDB split N of the checkpoint (default 1); rank lists '
-                        'use the first')
-    parser.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
-                        help='the fused distance of the rank lists, distances and CMC')
-    parser.add_argument('--ids', type=int, nargs='+', help='t-SNE: these test identities '
-                        '(default: --num-ids chosen at random)')
-    parser.add_argument('--num-ids', type=int, default=10, help='t-SNE: identities drawn at random')
-    parser.add_argument('--tsne-points', type=int, default=1500,
-                        help='t-SNE: most points per panel (images drawn at random beyond it)')
-    parser.add_argument('--queries', nargs='+', help='rank lists: these query images (paths as '
-                        'in the dataset, or ending the path) instead of random ones')
-    parser.add_argument('--num-queries', type=int, default=4,
-                        help='rank lists: random queries per direction')
-    parser.add_argument('--topk', type=int, default=10, help='rank lists: gallery images per query')
-    parser.add_argument('--history', help='training curves: a run\'s <log_path>/<name>_history.jsonl, '
-                        'or its log folder when it holds one history')
-    parser.add_argument('--seed', type=int, default=0, help='random identities, queries, t-SNE')
-    add_image_size_args(parser)
+    source.add_argument('--history', help='training curves: a run\'s '
+                        '<log_path>/<name>_history.jsonl, or its log folder when it holds one')
+    add_image_size_args(source)
+    data = parser.add_argument_group('data and protocol')
+    data.add_argument('--dataset', choices=DATASETS, help='dataset (default: the one the '
+                      'checkpoint or the --features file names)')
+    data.add_argument('--data-path', help='dataset root (default: the one the --features were '
+                      'extracted from, else data/<name>)')
+    data.add_argument('--mode', default='all', choices=('all', 'indoor', 'both'),
+                      help='SYSU-MM01 search mode(s)')
+    data.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default: '
+                      'all), or the checkpoint\'s RegDB split N (default: 1); rank lists use the '
+                      'first')
+    data.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
+                      help='the fused distance of the rank lists, distances and CMC')
+    plots = parser.add_argument_group('figures')
+    plots.add_argument('--ids', type=int, nargs='+', help='t-SNE: these test identities '
+                       '(default: --num-ids chosen at random)')
+    plots.add_argument('--num-ids', type=int, default=10, help='t-SNE: identities drawn at random')
+    plots.add_argument('--tsne-points', type=int, default=1500,
+                       help='t-SNE: most points per panel (images drawn at random beyond it)')
+    plots.add_argument('--queries', nargs='+', help='rank lists: these query images (paths as '
+                       'in the dataset, or ending the path) instead of random ones')
+    plots.add_argument('--num-queries', type=int, default=4,
+                       help='rank lists: random queries per direction')
+    plots.add_argument('--topk', type=int, default=10, help='rank lists: gallery images per query')
+    plots.add_argument('--seed', type=int, default=0, help='random identities, queries, t-SNE')
+    output = parser.add_argument_group('output')
+    output.add_argument('--out', required=True, help='folder for the PNGs and their JSON numbers')
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     fill_runtime_defaults(args)
     check_flags(args)
     return args

@@ -35,14 +35,21 @@ def extraction(model, images, device, repeats):
     return features, first, 2 * repeats * len(images) / steady
 
 
-def main():
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--arch', default='resnet18', choices=('resnet18', 'resnet34', 'resnet50'))
-    parser.add_argument('--img_h', type=int, default=64)
-    parser.add_argument('--img_w', type=int, default=32)
+    parser.add_argument('--arch', default='resnet18', choices=('resnet18', 'resnet34', 'resnet50'),
+                        help='ResNet trunk')
+    parser.add_argument('--img_h', type=int, default=64, help='input height')
+    parser.add_argument('--img_w', type=int, default=32, help='input width')
     parser.add_argument('--batch', type=int, default=8, help='test images per batch (each with its flip)')
-    parser.add_argument('--repeats', type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument('--repeats', type=int, default=5,
+                        help='timed repetitions (the best or median is shown)')
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     missing = compile_toolchain_missing(device)
     if missing:

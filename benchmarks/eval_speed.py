@@ -20,16 +20,22 @@ CASES = {
 }
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      epilog='run from the repository root: '
                                             'python -m benchmarks.eval_speed')
-    parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES),
+                        help='which test-set sizes to time')
     parser.add_argument('--repeats', type=int, default=3,
                         help='timed runs of the vectorised metrics and argsort (the best is shown)')
     parser.add_argument('--no-reference', action='store_true', help='skip the slow reference loop')
-    parser.add_argument('--seed', type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random data')
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def make_case(name, rng):

@@ -17,17 +17,23 @@ from onnx_export import (export_onnx, onnx_features, onnx_session, require_onnx,
                          torch_features)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--method', default='deen', choices=('deen', 'agw'))
-    parser.add_argument('--arch', default='resnet50')
-    parser.add_argument('--img_h', type=int, default=384)
-    parser.add_argument('--img_w', type=int, default=144)
+    parser.add_argument('--method', default='deen', choices=('deen', 'agw'),
+                        help='network (DEEN or AGW)')
+    parser.add_argument('--arch', default='resnet50', help='ResNet trunk')
+    parser.add_argument('--img_h', type=int, default=384, help='input height')
+    parser.add_argument('--img_w', type=int, default=144, help='input width')
     parser.add_argument('--batch', type=int, default=8, help='images per call')
     parser.add_argument('--repeats', type=int, default=3, help='timed calls of each (median)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads of both runtimes')
     parser.add_argument('--fp16', action='store_true', help='time a float16 graph')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def median_seconds(function, repeats):

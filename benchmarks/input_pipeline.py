@@ -40,14 +40,21 @@ def images_per_second(dataset, sampler, batch, workers, seconds):
     return images / (time.perf_counter() - start)
 
 
-def main():
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--images', type=int, default=2000, help='images per modality')
-    parser.add_argument('--img_h', type=int, default=384)
-    parser.add_argument('--img_w', type=int, default=144)
-    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
-    parser.add_argument('--seconds', type=float, default=10.0)
-    args = parser.parse_args()
+    parser.add_argument('--img_h', type=int, default=384, help='input height')
+    parser.add_argument('--img_w', type=int, default=144, help='input width')
+    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],
+                        help='data-loading processes to compare')
+    parser.add_argument('--seconds', type=float, default=10.0,
+                        help='seconds each worker count runs')
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         caches = [synthetic_cache(folder, args.images, args.img_h, args.img_w, 100, s) for s in (0, 1)]

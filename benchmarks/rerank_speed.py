@@ -27,18 +27,24 @@ DEFAULT_CASES = ('llcm', 'llcm_released')
 TEST_IDS = 351
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      epilog='run from the repository root: '
                                             'python -m benchmarks.rerank_speed')
-    parser.add_argument('--cases', nargs='+', default=list(DEFAULT_CASES), choices=list(CASES))
+    parser.add_argument('--cases', nargs='+', default=list(DEFAULT_CASES), choices=list(CASES),
+                        help='which test-set sizes to time')
     parser.add_argument('--scale', type=float, default=1.0,
                         help='multiply the query and gallery counts (e.g. 0.2 for a quick run)')
     parser.add_argument('--dims', type=int, default=2048, help='feature dimensions')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads (torch and numpy)')
     parser.add_argument('--no-reference', action='store_true', help='skip the slow numpy loop')
-    parser.add_argument('--seed', type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random data')
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def make_distances(num_q, num_g, dims, rng):

@@ -21,13 +21,19 @@ def microseconds_per_sample(draw, count):
     return (time.perf_counter() - start) / count * 1e6
 
 
-def main():
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--img_h', type=int, default=384)
-    parser.add_argument('--img_w', type=int, default=144)
+    parser.add_argument('--img_h', type=int, default=384, help='input height')
+    parser.add_argument('--img_w', type=int, default=144, help='input width')
     parser.add_argument('--samples', type=int, default=300, help='samples per timing')
-    parser.add_argument('--repeats', type=int, default=7)
-    args = parser.parse_args()
+    parser.add_argument('--repeats', type=int, default=7,
+                        help='timed repetitions (the best or median is shown)')
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, args.img_h, args.img_w, 3), dtype=np.uint8)

@@ -22,7 +22,8 @@ IMAGES_PER_FOLDER = 500
 OLD = time.time() - 3600  # the folder's files predate the index (no file is re-read as racy)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--images', type=int, default=10000, help='gallery images to generate')
     parser.add_argument('--size', type=int, nargs=2, default=(32, 64), metavar=('W', 'H'),
@@ -35,7 +36,11 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=2, help='PyTorch CPU threads')
     parser.add_argument('--changed', type=int, default=10, help='files rewritten before the '
                         'refresh')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def write_gallery(folder, count, size):

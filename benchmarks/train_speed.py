@@ -75,21 +75,29 @@ def shape_of(args):
     return (args.ids, args.per_id, args.img_h, args.img_w)
 
 
-def main():
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--device', default='auto', help='auto, cpu or cuda')
-    parser.add_argument('--precisions', nargs='+', default=['fp32', 'bf16', 'fp16'], choices=list(DTYPES))
+    parser.add_argument('--precisions', nargs='+', default=['fp32', 'bf16', 'fp16'], choices=list(DTYPES),
+                        help='precisions to time')
     parser.add_argument('--ids', type=int, default=6, help='identities per step (released 6)')
     parser.add_argument('--per-id', type=int, default=4, help='images per id and modality (released 4)')
-    parser.add_argument('--img_h', type=int, default=384)
-    parser.add_argument('--img_w', type=int, default=144)
-    parser.add_argument('--test-batch', type=int, default=64)
-    parser.add_argument('--steps', type=int, default=10)
-    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--img_h', type=int, default=384, help='input height')
+    parser.add_argument('--img_w', type=int, default=144, help='input width')
+    parser.add_argument('--test-batch', type=int, default=64, help='test images per forward pass')
+    parser.add_argument('--steps', type=int, default=10, help='timed steps')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed warm-up steps')
     parser.add_argument('--processes', type=int, nargs='+', default=[1, 2], help='DDP process counts')
-    parser.add_argument('--ddp-precision', default='fp32', choices=list(DTYPES))
-    parser.add_argument('--channels-last-ddp', action='store_true')
-    args = parser.parse_args()
+    parser.add_argument('--ddp-precision', default='fp32', choices=list(DTYPES),
+                        help='precision of the 1-vs-N process comparison')
+    parser.add_argument('--channels-last-ddp', action='store_true',
+                        help='channels-last in the 1-vs-N process comparison')
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
                           else 'cpu' if args.device == 'auto' else args.device)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \

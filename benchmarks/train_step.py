@@ -17,20 +17,29 @@ SHAPES = {'released': (6, 4, 384, 144), 'small': (2, 2, 96, 48)}
 CLASSES = {'sysu': 395, 'llcm': 713, 'regdb': 206}
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='examples:\n  python benchmarks/train_step.py --shape small --steps 3\n'
                '  python benchmarks/train_step.py --device cuda --shape released --amp bf16 --channels-last')
     parser.add_argument('--device', default='auto', help='auto (cuda when available), cpu or cuda')
-    parser.add_argument('--shape', choices=sorted(SHAPES), default='small')
+    parser.add_argument('--shape', choices=sorted(SHAPES), default='small',
+                        help='batch shape: the released one or a small one')
     parser.add_argument('--steps', type=int, default=3, help='timed steps')
     parser.add_argument('--warmup', type=int, default=1, help='untimed steps first')
-    parser.add_argument('--method', choices=['deen', 'agw'], default='deen')
-    parser.add_argument('--dataset', choices=sorted(CLASSES), default='sysu')
-    parser.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off')
-    parser.add_argument('--channels-last', action='store_true')
-    return parser.parse_args(argv)
+    parser.add_argument('--method', choices=['deen', 'agw'], default='deen',
+                        help='network (DEEN or AGW)')
+    parser.add_argument('--dataset', choices=sorted(CLASSES), default='sysu',
+                        help='dataset whose class count the classifier has')
+    parser.add_argument('--amp', choices=['off', 'bf16', 'fp16'], default='off',
+                        help='mixed precision of the step')
+    parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def resolve_device(name):

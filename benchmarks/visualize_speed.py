@@ -22,17 +22,23 @@ PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
 DIRECTION_LISTS = {'ir_to_vis': ('infrared', 'visible'), 'vis_to_ir': ('visible', 'infrared')}
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      epilog='run from the repository root: '
                                             'python -m benchmarks.visualize_speed')
     parser.add_argument('--branches', type=int, default=3, help='3 (DEEN) or 1 (AGW)')
-    parser.add_argument('--dim', type=int, default=2048)
+    parser.add_argument('--dim', type=int, default=2048, help='feature width per branch')
     parser.add_argument('--trials', type=int, default=10, help='gallery trials of the CMC')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--plots', nargs='+', default=list(PLOTS), choices=PLOTS)
-    parser.add_argument('--seed', type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--plots', nargs='+', default=list(PLOTS), choices=PLOTS,
+                        help='figures to time')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random data')
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def random_store(branches, dim, folder, rng, device):

@@ -1,7 +1,5 @@
-"""The Python API (inference.ReIDModel, rank_gallery, image_files): the README's example runs as
+"""The Python API (inference.ReIDModel, rank_gallery, image_files): the docs' example runs as
 written, and its features and rankings are test.py's."""
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -11,15 +9,17 @@ from data_manager import query_gallery
 from inference import (FUSIONS, ReIDModel, extract_features, fused_distance, image_files,
                        rank_gallery)
 from tiny_runs import REPO, seeded_checkpoint
+from tools.docs_check import code_blocks, section
 from tools.synthetic_data import make_llcm
 from utils import UserError
 
 
 def readme_api_example():
-    """The python block of the README's "Python API" section."""
-    with open(f'{REPO}/README.md') as handle:
-        section = handle.read().split('\n## Python API\n', 1)[1].split('\n## ', 1)[0]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    """The python block of the "Python API" section of docs/search-export-api.md (the page the
+    README links for it)."""
+    with open(f'{REPO}/docs/search-export-api.md') as handle:
+        blocks = code_blocks(section(handle.read(), '## Python API'))
+    return next(body for language, body in blocks if language == 'python')
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_readme_example_runs_and_ranks_as_the_fused_distance_does(demo_folder):
     code = readme_api_example()
     assert len(code.strip().splitlines()) == 5
     names = {}
-    exec(compile(code, 'README.md', 'exec'), names)  # noqa: S102  (the README's own code)
+    exec(compile(code, 'docs/search-export-api.md', 'exec'), names)  # noqa: S102  (the docs' own code)
 
     order, distances, day, night = names['order'], names['distances'], names['day'], names['night']
     assert order.shape == distances.shape == (2, 5)
