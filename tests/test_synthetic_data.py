@@ -228,9 +228,10 @@ def test_an_interrupted_demo_is_written_again(tmp_path, monkeypatch):
     assert all((root / p).is_file() for p, _ in read_index(root / 'idx' / 'train_nir.txt'))
 
 
-def test_demo_config_is_an_llcm_dataset_with_enough_identities_per_batch():
+def test_demo_config_is_an_llcm_dataset_with_enough_identities_per_batch_and_test():
     config = sd.DEMO_CONFIG
-    assert config['num_train_ids'] >= 16 and config['num_test_ids'] >= 10
+    # Rank-20 can only fall short of 100% with well over 20 test identities
+    assert config['num_train_ids'] >= 16 and config['num_test_ids'] >= 60
     assert set(config) <= set(inspect.signature(sd.make_llcm).parameters)
 
 
