@@ -34,7 +34,8 @@ def build_parser():
     images.add_argument('--gallery', required=True, metavar='DIR',
                         help='folder of gallery images (searched recursively)')
     images.add_argument('--gallery-modality', choices=MODALITIES,
-                        help='default: the other modality than --query-modality')
+                        help='the modality of the gallery images (default: the other one '
+                        'than --query-modality)')
     images.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
                         f'<gallery>/{DEFAULT_INDEX_FOLDER})')
     ranking = parser.add_argument_group('ranking and output')
