@@ -9,7 +9,7 @@ import sys
 
 FENCE = re.compile(r'^```([^\n`]*)\n(.*?)^```', re.S | re.M)
 COMMAND_LANGUAGES = ('', 'bash', 'sh', 'shell', 'console')  # blocks whose lines may be commands
-INLINE_COMMAND = re.compile(r'`((?:python3?|\.venv/bin/python|torchrun) [^`]+\.py[^`]*)`')
+INLINE_COMMAND = re.compile(r'`((?:python3?|\.venv/bin/python|torchrun) (?:[^`]+\.py|-m benchmarks\.)[^`]*)`')
 LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)\)')
 SEPARATORS = ('&&', '||', ';', '|')
 PYTHONS = ('python', 'python3')
