@@ -79,8 +79,8 @@ def build_parser():
     """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--device', default='auto', help='auto, cpu or cuda')
-    parser.add_argument('--precisions', nargs='+', default=['fp32', 'bf16', 'fp16'], choices=list(DTYPES),
-                        help='precisions to time')
+    parser.add_argument('--precisions', nargs='+', default=['fp32', 'bf16', 'fp16'],
+                        choices=list(DTYPES), help='precisions to time')
     parser.add_argument('--ids', type=int, default=6, help='identities per step (released 6)')
     parser.add_argument('--per-id', type=int, default=4, help='images per id and modality (released 4)')
     parser.add_argument('--img_h', type=int, default=384, help='input height')
