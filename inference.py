@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from data_loader import TestImageSet
 from model import build_model, converted_state_dict, load_model_weights, method_of_state_dict
-from utils import DistContext, UserError, autocast_context, load_checkpoint
+from utils import (DistContext, UserError, autocast_context, load_checkpoint,
+                   written_atomically)
 
 CHECKPOINT_FORMAT = 'deen-vireid'
 FEATURES_FORMAT = 'deen-vireid-features'
@@ -134,9 +135,8 @@ class FeatureStore:
             m: {'paths': self.paths[m], 'pids': torch.from_numpy(self.pids[m]),
                 'camids': torch.from_numpy(self.camids[m]), 'features': self.features[m].cpu()}
             for m in self.features}}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        torch.save(content, path)
+        with written_atomically(path) as tmp:
+            torch.save(content, tmp)
 
     @classmethod
     def load(cls, path):

@@ -17,7 +17,7 @@ from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_da
 from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
                        load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   resolve_device, run_main)
+                   resolve_device, run_main, written_atomically)
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
 PLOTS = FEATURE_PLOTS + ('curves',)
@@ -281,7 +281,7 @@ def write(folder, name, numbers, draw):
     """Draw numbers into folder/name.png and write them to folder/name.json; a one-line note."""
     png, numbers_file = os.path.join(folder, name + '.png'), os.path.join(folder, name + '.json')
     width, height = draw(numbers, png)
-    with open(numbers_file, 'w') as handle:
+    with written_atomically(numbers_file) as tmp, open(tmp, 'w') as handle:
         json.dump(numbers, handle)
     return f'{png} ({width}x{height}) and {os.path.basename(numbers_file)}'
 
