@@ -230,6 +230,36 @@ def test_missing_training_image_is_named_before_the_cache_is_built(llcm_copy, tm
     assert_refused_up_front(capsys, code, tmp_path / 'out', {}, 'training image(s)', image.name)
 
 
+def damage_image(path, damage):
+    """Make the image at path empty (0 bytes), truncated (its first half) or not an image."""
+    data = path.read_bytes()
+    path.write_bytes({'empty': b'', 'truncated': data[:len(data) // 2],
+                      'not_an_image': b'not an image'}[damage])
+
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated', 'not_an_image'])
+def test_an_undecodable_training_image_is_named_before_any_cache_work(llcm_copy, tmp_path, capsys,
+                                                                       damage):
+    """A training set gains an image that cannot be decoded beside a valid cache: the checks name
+    it, nothing is written, and the earlier cache stays valid (the next run decodes nothing)."""
+    out = tmp_path / 'out'
+    lists = train_image_lists('llcm', str(llcm_copy))
+    for modality in ('visible', 'infrared'):
+        data_loader.load_or_build_cache(lists[modality], str(out / 'cache'), (32, 64), 1, False)
+    index = llcm_copy / 'idx' / 'train_vis.txt'
+    first, label = index.read_text().splitlines()[0].split()
+    added = llcm_copy / first.replace('.jpg', '_added.jpg')
+    shutil.copy(llcm_copy / first, added)
+    damage_image(added, damage)
+    with open(index, 'a') as handle:
+        handle.write(f'{added.relative_to(llcm_copy)} {label}\n')
+    before = files_under(out)
+    code = run_train(train_argv('llcm', llcm_copy, str(out)))
+    assert_refused_up_front(capsys, code, out, before, f'training image {added} cannot be decoded')
+    assert all(data_loader.cache_problem(lists[m], str(out / 'cache'), (32, 64)) is None
+               for m in ('visible', 'infrared'))
+
+
 def test_more_identities_per_step_than_exist(llcm_root, tmp_path, capsys):
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--batch-size', 7))
     assert_refused_up_front(capsys, code, tmp_path, {}, '--batch-size 7', 'only 6')
@@ -480,6 +510,26 @@ def test_a_failed_cache_build_leaves_no_temporary_array(llcm_root, tmp_path, mon
     with pytest.raises(type(failure)):
         data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
     assert cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize('failure', [UserError('image x cannot be decoded.'), KeyboardInterrupt()])
+def test_a_failed_cache_build_leaves_the_earlier_cache_valid(llcm_root, tmp_path, monkeypatch,
+                                                            failure):
+    """A rebuild (here: another size) that fails midway leaves the cache it was replacing as it
+    was: the next run at the earlier size decodes nothing."""
+    image_list = train_image_lists('llcm', str(llcm_root))['visible']
+    data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
+    before = files_under(tmp_path)
+
+    def failing(job):
+        raise failure
+
+    monkeypatch.setattr(data_loader, '_fill_chunk', failing)  # any decode now fails
+    with pytest.raises(type(failure)):
+        data_loader.load_or_build_cache(image_list, str(tmp_path), (32, 64), 1, False)
+    assert files_under(tmp_path) == before
+    images, labels = data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
+    assert images.shape == (len(image_list), 32, 16, 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,8 +170,9 @@ def killed_on_one_node(llcm_root, tmp_path_factory):
 
 @pytest.mark.parametrize('launch', ['killed_and_restarted', 'killed_on_one_node'])
 def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(launch, request, ddp_run):
-    out, result, (rank0, rank1) = request.getfixturevalue(launch)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, result, records = request.getfixturevalue(launch)
+    assert result.returncode == 0 and len(records) == 2, result.stderr[-3000:]
+    rank0, rank1 = records
     log = (out / 'logs' / 'llcm_deen.log').read_text()
     assert log.count('llcm_deen on cpu x2') == 2  # the first attempt and the restarted one
     assert '--resume auto: no ' in log  # the first attempt started afresh
