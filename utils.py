@@ -44,13 +44,14 @@ def flag(dest):
 
 def run_main(main_fn):
     """Run a script's main(), turning UserError into one line on stderr and exit status 2. Under
-    torchrun only rank 0 prints it: the checks run on every process and fail alike, and one
-    sentence per process would repeat it, interleaved."""
+    torchrun only the first process of each launcher (local rank 0) prints it: the checks run on
+    every process and fail alike, and one sentence per process would repeat it, interleaved in
+    the launcher's output; each node's output still says why its processes stopped."""
     try:
         return main_fn()
     except UserError as error:
         end_progress_bars()
-        if os.environ.get('RANK', '0') == '0':
+        if os.environ.get('LOCAL_RANK', '0') == '0':
             print(f'error: {user_message(error)}', file=sys.stderr)
         return 2
 

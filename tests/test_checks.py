@@ -22,7 +22,7 @@ import training
 from checks import checkpoint_estimate
 from data_manager import train_image_lists
 from model import build_model
-from tiny_runs import REPO, poison_loss_at, train_argv
+from tiny_runs import REPO, poison_loss_at, seeded_checkpoint, train_argv
 from utils import UserError, load_checkpoint, run_main, save_checkpoint
 
 
@@ -331,6 +331,22 @@ def test_bad_pretrained_path(llcm_root, tmp_path, capsys, kind):
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path / 'out'), '--pretrained', path))
     assert_refused_up_front(capsys, code, tmp_path / 'out', {}, f'--pretrained {path}',
                             'does not exist' if kind == 'missing' else 'is a folder')
+
+
+def test_test_py_refuses_an_image_size_the_network_cannot_take_before_extraction(
+        llcm_root, tmp_path, capsys, monkeypatch):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError('images were extracted before the image size was checked')
+
+    monkeypatch.setattr(evaluation, 'evaluate_splits', no_extraction)
+    checkpoint = tmp_path / 'model.pth'
+    seeded_checkpoint(checkpoint, 'llcm', 6)
+    code = run_main(lambda: test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root),
+                                              '--device', 'cpu', '--resume', str(checkpoint),
+                                              '--img_h', '8', '--img_w', '4']))
+    assert_refused_up_front(capsys, code, tmp_path / 'none', {},
+                            '--img_h 8 x --img_w 4 does not fit the DEEN network')
+    assert sorted(os.listdir(tmp_path)) == ['model.pth']  # no results file
 
 
 def test_test_py_checks_its_inputs_before_loading_a_model(finished_run, llcm_copy, tmp_path,

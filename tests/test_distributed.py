@@ -296,6 +296,17 @@ def run_two_nodes(tmp_path, argv):
     return results
 
 
+def test_an_error_of_every_process_is_printed_once(llcm_root, tmp_path):
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--sync-bn')
+    result = subprocess.run(torchrun_command([os.path.join(REPO, 'train.py'), *argv]), cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count('error: --sync-bn needs CUDA GPUs') == 1, result.stderr[-3000:]
+    assert 'error: --sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); drop it ' \
+        'to train on the CPU.' in result.stderr.splitlines()
+
+
 def test_each_node_builds_its_own_cache_on_a_node_local_cache_dir(llcm_root, tmp_path):
     argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 1, '--max-steps', 1,
                       '--eval-every', 0, '--cache-dir', 'cache')
