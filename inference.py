@@ -308,10 +308,12 @@ class ReIDModel:
 
     def __init__(self, model, info, device, img_h=None, img_w=None, batch_size=64, workers=0,
                  amp='off', channels_last=False, compile=False):
+        from checks import check_network_input  # checks.py imports this module
         self.model, self.info, self.device = model, info, torch.device(device)
         self.settings = SimpleNamespace(img_h=img_h or info['img_h'], img_w=img_w or info['img_w'],
                                         test_batch=batch_size, workers=workers, amp=amp,
                                         channels_last=channels_last, compile=compile)
+        check_network_input(model, info['method'], self.settings.img_h, self.settings.img_w)
         self.model = inference_model(model, self.settings)
 
     @classmethod

@@ -613,7 +613,8 @@ def continue_hint(args, last_path):
             args.resume and os.path.abspath(args.resume) == os.path.abspath(last_path)):
         return 'the same command continues it'
     if args.resume:
-        return f'continue with the same command, {flag("resume")} {last_path} instead of {args.resume}'
+        return (f'continue with the same command, {flag("resume")} {last_path} instead of '
+                f'{args.resume}')
     return f'continue with the same command plus {flag("resume")} {last_path}'
 
 
@@ -716,8 +717,8 @@ def main(argv=None):
                             f'{trainer.last_path}')
     except Interrupted:
         if ctx.is_main:
-            print(f'interrupted: saved {trainer.last_path}; {continue_hint(args, trainer.last_path)}',
-                  file=sys.stderr)
+            hint = continue_hint(args, trainer.last_path)
+            print(f'interrupted: saved {trainer.last_path}; {hint}', file=sys.stderr)
         return 130
     finally:
         if ctx.enabled and not joined and dist.is_initialized():

@@ -11,7 +11,8 @@ import numpy as np
 
 import figures
 from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
-                    check_output_folder, check_runtime_flags, check_torch_file)
+                    check_network_input, check_output_folder, check_runtime_flags,
+                    check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
 from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
@@ -134,8 +135,9 @@ class TestSet:
         if not args.features:
             check_images_exist(self.image_lists(), 'test')
             model, info = load_trained_model(args.resume, args.dataset, device)
-            self.model = inference_model(model, args)
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
+            check_network_input(model, info['method'], args.img_h, args.img_w)
+            self.model = inference_model(model, args)
 
     def _trials(self, trial):
         if self.layout != 'regdb':

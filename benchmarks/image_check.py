@@ -23,7 +23,8 @@ def seconds(work):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--data-path', help='an existing LLCM-layout folder (default: generate one)')
+    parser.add_argument('--data-path',
+                        help='an existing LLCM-layout folder (default: generate one)')
     parser.add_argument('--train-ids', type=int, default=680)
     parser.add_argument('--images-per-camera', type=int, default=9)
     parser.add_argument('--width', type=int, default=64, help='generated image width')
@@ -39,11 +40,13 @@ def main():
         lists = list(train_image_lists('llcm', data_path).values())
         count = sum(len(image_list) for image_list in lists)
         check = seconds(lambda: check_images_decode(lists, 'training'))
-        build = seconds(lambda: [read_image(path, (144, 384)) for lst in lists for path in lst.paths])
+        build = seconds(lambda: [read_image(path, (144, 384))
+                                 for image_list in lists for path in image_list.paths])
         print(f'{count} training images of {args.width}x{args.height}, one process')
         print(f'up-front decode check: {check:.1f} s ({1e6 * check / count:.0f} us per image)')
         print(f'cache build decode + resize to 384x144: {build:.1f} s '
-              f'({1e6 * build / count:.0f} us per image); the check costs {check / build:.0%} of it')
+              f'({1e6 * build / count:.0f} us per image); '
+              f'the check costs {check / build:.0%} of it')
 
 
 if __name__ == '__main__':

@@ -16,9 +16,12 @@ from PIL import Image
 
 import data_loader
 import evaluation
+import inference
 import pre_process_sysu
+import search
 import test as test_script
 import training
+import visualize
 from checks import checkpoint_estimate
 from data_manager import train_image_lists
 from model import build_model
@@ -347,6 +350,32 @@ def test_test_py_refuses_an_image_size_the_network_cannot_take_before_extraction
     assert_refused_up_front(capsys, code, tmp_path / 'none', {},
                             '--img_h 8 x --img_w 4 does not fit the DEEN network')
     assert sorted(os.listdir(tmp_path)) == ['model.pth']  # no results file
+
+
+@pytest.mark.parametrize('tool', ['search', 'visualize'])
+def test_the_tools_refuse_an_image_size_the_network_cannot_take_before_extraction(
+        llcm_root, tmp_path, capsys, monkeypatch, tool):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError('images were extracted before the image size was checked')
+
+    for owner in (inference, search, visualize):
+        for name in ('embed_images', 'extract_features'):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, no_extraction)
+    checkpoint = tmp_path / 'model.pth'
+    seeded_checkpoint(checkpoint, 'llcm', 6)
+    common = ['--resume', str(checkpoint), '--out', str(tmp_path / 'out'), '--device', 'cpu',
+              '--img_h', '8', '--img_w', '4']
+    if tool == 'search':
+        argv = common + ['--query', str(llcm_root / 'test_nir'), '--query-modality', 'infrared',
+                         '--gallery', str(llcm_root / 'test_vis'),
+                         '--index-dir', str(tmp_path / 'index')]
+    else:
+        argv = common + ['--dataset', 'llcm', '--data-path', str(llcm_root)]
+    main = search.main if tool == 'search' else visualize.main
+    code = run_main(lambda: main(argv))
+    assert_refused_up_front(capsys, code, tmp_path / 'none', {},
+                            '--img_h 8 x --img_w 4 does not fit the DEEN network')
 
 
 def test_test_py_checks_its_inputs_before_loading_a_model(finished_run, llcm_copy, tmp_path,

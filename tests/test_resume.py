@@ -174,4 +174,5 @@ def test_the_interrupt_message_says_what_continues_for_the_flags_given(llcm_root
     assert f'interrupted: saved {last}; ' + hint.format(last=last) in capsys.readouterr().err
     continued = argv + (['--resume', last] if not resume else [])
     assert training.main(continued) == 0
-    assert (last_checkpoint(str(tmp_path))['epoch'], last_checkpoint(str(tmp_path))['step']) == (0, 0)
+    finished = last_checkpoint(str(tmp_path))
+    assert (finished['epoch'], finished['step']) == (0, 0)
