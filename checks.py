@@ -153,8 +153,9 @@ def check_image_size(args, method, num_classes, dataset):
 
 def check_network_input(model, method, img_h, img_w):
     """An eval-mode network of `method` takes img_h x img_w images (the values of --img_h /
-    --img_w): one zero image passes through it on its device."""
-    device = next(model.parameters()).device
+    --img_w): one zero image passes through it on its device (the CPU for a network without
+    weights)."""
+    device = next(model.parameters(), torch.zeros(())).device
     try:
         with torch.inference_mode():
             model(visible=torch.zeros(1, 3, img_h, img_w, device=device))
