@@ -34,11 +34,13 @@ def interrupting(write_partial):
     return writer
 
 
-def partial_to_handle(args):
-    args[1].write('{"partial": ' if 'b' not in getattr(args[1], 'mode', 'w') else b'PK\x03\x04')
+def partial_json(args):
+    """json.dump(obj, handle): half an object into the text handle."""
+    args[1].write('{"partial": ')
 
 
 def partial_to(position):
+    """A writer whose argument at position is a path or a binary handle: a few bytes into it."""
     def write(args):
         target = args[position]
         if hasattr(target, 'write'):
@@ -75,8 +77,10 @@ def png_file(path, version):
 
 
 def figure_numbers_file(path, version):
-    visualize.write(os.path.dirname(path), 'numbers', {'version': version},
-                    lambda numbers, png: (png_file(png, version), (100, 100))[1])
+    def draw(numbers, png):
+        png_file(png, version)
+        return 100, 100
+    visualize.write(os.path.dirname(path), 'numbers', {'version': version}, draw)
 
 
 def args_file(path, version):
@@ -115,12 +119,12 @@ def reads_back(kind, path):
 
 # kind: (file name, writer, (object, attribute) of the low-level write to interrupt, its stand-in)
 KINDS = {
-    'results': ('results.json', results_file, (json, 'dump'), partial_to_handle),
+    'results': ('results.json', results_file, (json, 'dump'), partial_json),
     'features': ('features.pth', features_file, (torch, 'save'), partial_to(1)),
     'index': ('index.npz', index_file, (np, 'savez'), partial_to(0)),
     'png': ('figure.png', png_file, (Image.Image, 'save'), partial_to(1)),
-    'figure_numbers': ('numbers.json', figure_numbers_file, (json, 'dump'), partial_to_handle),
-    'args': ('run_args.json', args_file, (json, 'dump'), partial_to_handle),
+    'figure_numbers': ('numbers.json', figure_numbers_file, (json, 'dump'), partial_json),
+    'args': ('run_args.json', args_file, (json, 'dump'), partial_json),
     'onnx': ('model.onnx', onnx_file, (torch.onnx, 'export'), partial_to(2)),
 }
 
