@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from data_loader import cache_bytes, cache_problem
+from data_loader import cache_bytes, cache_problem, image_problem
 from data_manager import dataset_facts
 from inference import CHECKPOINT_FORMAT
 from model import build_model
@@ -131,21 +131,41 @@ def check_images_exist(image_lists, what):
                         f'e.g. {missing[0]}.')
 
 
+def check_images_decode(image_lists, what):
+    """Every image of image_lists exists and decodes (data_loader.image_problem); the first that
+    does not is named."""
+    check_images_exist(image_lists, what)
+    for image_list in image_lists:
+        for path in image_list.paths:
+            problem = image_problem(path)
+            if problem:
+                raise UserError(f'{what} image {path} {problem}; replace it or remove it from the '
+                                f'dataset.')
+
+
 def check_image_size(args, method, num_classes, dataset):
     """The network takes --img_h x --img_w images: one image passes through a freshly built
     (randomly initialised) network of this run. Returns that network."""
     model = build_model(method, num_classes, dataset, pretrained=None, arch=args.arch).eval()
+    check_network_input(model, method, args.img_h, args.img_w)
+    return model
+
+
+def check_network_input(model, method, img_h, img_w):
+    """An eval-mode network of `method` takes img_h x img_w images (the values of --img_h /
+    --img_w): one zero image passes through it on its device (the CPU for a network without
+    weights)."""
+    device = next(model.parameters(), torch.zeros(())).device
     try:
         with torch.inference_mode():
-            model(visible=torch.zeros(1, 3, args.img_h, args.img_w))
+            model(visible=torch.zeros(1, 3, img_h, img_w, device=device))
     except UserError as error:  # the network's own sentence says what would fit
-        raise UserError(f'{flag("img_h")} {args.img_h} x {flag("img_w")} {args.img_w} does not fit '
+        raise UserError(f'{flag("img_h")} {img_h} x {flag("img_w")} {img_w} does not fit '
                         f'the {method.upper()} network: {first_sentence(error)}.') from None
     except RuntimeError as error:
-        raise UserError(f'{flag("img_h")} {args.img_h} x {flag("img_w")} {args.img_w} does not fit '
+        raise UserError(f'{flag("img_h")} {img_h} x {flag("img_w")} {img_w} does not fit '
                         f'the {method.upper()} network ({first_sentence(error)}); the released '
                         f'sizes are 384 x 144 (DEEN) and 288 x 144 (AGW).') from None
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,15 +222,15 @@ def checkpoint_estimate(model, optim):
 
 def check_cache_build(image_lists, cache_dir, size):
     """The training caches of image_lists at size=(w, h) that must be (re)built can be: --cache-dir
-    is writable and has room for them, and every image they read exists. Returns whether any
-    must be built."""
+    is writable and has room for them, and every image they read exists and decodes. Returns
+    whether any must be built."""
     stale = [image_list for image_list in image_lists
              if cache_problem(image_list, cache_dir, size) is not None]
     if stale:
         check_output_folder(cache_dir, 'cache_dir', 'the training cache')
         check_free_space(cache_dir, 'cache_dir', sum(cache_bytes(lst, size) for lst in stale),
                          'the training cache')
-        check_images_exist(stale, 'training')
+        check_images_decode(stale, 'training')
     return bool(stale)
 
 

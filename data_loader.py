@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, written_atomically
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,6 +21,9 @@ CACHE_CHUNK = 256
 
 # Cache file prefixes per modality; SYSU-MM01's are the names pre_process_sysu.py always wrote.
 CACHE_PREFIX = {'visible': 'train_rgb_resized', 'infrared': 'train_ir_resized'}
+
+
+UNDECODABLE = 'cannot be decoded (corrupt, truncated or not an image)'
 
 
 def read_image(path, size=None):
@@ -31,7 +34,22 @@ def read_image(path, size=None):
     except FileNotFoundError:
         raise UserError(f'image {path} does not exist.') from None
     except (UnidentifiedImageError, OSError, SyntaxError):
-        raise UserError(f'image {path} cannot be decoded (corrupt, truncated or not an image).') from None
+        raise UserError(f'image {path} {UNDECODABLE}.') from None
+
+
+def image_problem(path):
+    """None when the image at path decodes; else why not, as a phrase. Cheaper than read_image:
+    a JPEG is decoded at 1/8 scale (its DCT scaling), which still reads every byte of its data,
+    so a file that is empty, truncated or not an image is found; nothing is resized."""
+    try:
+        with Image.open(path) as img:
+            img.draft('RGB', (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except FileNotFoundError:
+        return 'does not exist'
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return UNDECODABLE
+    return None
 
 
 def as_rgb(image, size=None):
@@ -117,20 +135,18 @@ def _read_meta(path):
 
 
 def _write_json(path, content):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as handle:
+    with written_atomically(path) as tmp, open(tmp, 'w') as handle:
         json.dump(content, handle)
-    os.replace(tmp, path)
 
 
 def _build_cache(image_list, prefix, size, workers, show_progress):
     """Decode and resize every image into temporary files, then rename them into place and write
     the meta file last; on any failure (a bad image, a full disk, an interrupt) the temporary
-    files are removed."""
+    files are removed and an earlier cache is left as it was, still valid. Its meta file is
+    removed only once the new arrays are complete, just before they replace the old ones: a
+    crash between the renames leaves a cache without meta, which the next run rebuilds."""
     width, height = size
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(prefix + '_meta.json')  # the cache is invalid until rebuilt
     tmp_images, tmp_labels = prefix + '_img.tmp.npy', prefix + '_label.tmp.npy'
     try:
         images = np.lib.format.open_memmap(tmp_images, mode='w+', dtype=np.uint8,
@@ -148,12 +164,14 @@ def _build_cache(image_list, prefix, size, workers, show_progress):
                 for chunk in chunks:
                     progress.update(_fill_chunk(chunk))
         np.save(tmp_labels, np.asarray(image_list.pids, dtype=np.int64))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prefix + '_meta.json')  # the old arrays are about to be replaced
         os.replace(tmp_images, prefix + '_img.npy')
         os.replace(tmp_labels, prefix + '_label.npy')
         _write_json(prefix + '_meta.json', {'key': cache_key(image_list, size), 'size': list(size),
                                             'count': len(image_list)})
     finally:
-        for leftover in (tmp_images, tmp_labels, prefix + '_meta.json.tmp'):
+        for leftover in (tmp_images, tmp_labels):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
 

@@ -8,7 +8,8 @@ import textwrap
 import numpy as np
 
 from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
-                    check_output_folder, check_runtime_flags, check_torch_file)
+                    check_network_input, check_output_folder, check_runtime_flags,
+                    check_torch_file)
 from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_STEM_DIRECTIONS,
                           dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
@@ -17,7 +18,7 @@ from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_dist
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   load_checkpoint, manual_parser)
+                   load_checkpoint, manual_parser, written_atomically)
 
 RESULTS_FORMAT = 'deen-vireid-results'
 
@@ -153,6 +154,7 @@ def run_protocol(args, device, ctx):
                        **{key: info[key] for key in ('method', 'arch', 'epoch', 'seed',
                                                      'provenance')}})
         args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
+        check_network_input(model, info['method'], args.img_h, args.img_w)  # before any image
         model = inference_model(model, args)
         splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot)
         trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx)
@@ -328,13 +330,10 @@ def results_path(args):
 
 
 def write_results(path, record):
-    """Write a results record (or any JSON-able dict) atomically: no reader sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    with open(tmp, 'w') as handle:
+    """Write a results record (or any JSON-able dict) atomically: no reader sees half a file, and
+    a failed write leaves the earlier file as it was."""
+    with written_atomically(path) as tmp, open(tmp, 'w') as handle:
         json.dump(record, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def read_results(path):

@@ -19,7 +19,7 @@ from sklearn.manifold import TSNE  # noqa: E402
 
 from eval_metrics import MATCHING_RULES  # noqa: E402
 from inference import fused_distance  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, written_atomically  # noqa: E402
 
 DPI = 100
 FRAME_COLOURS = {True: '#2ca02c', False: '#d62728', None: '#9e9e9e'}  # right, wrong, unknown id
@@ -79,8 +79,9 @@ def save_png(figure, out_path):
     smaller than a full-colour one."""
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=DPI)
-    Image.open(buffer).convert('RGB').quantize(colors=256).save(out_path, format='png',
-                                                                 optimize=True)
+    with written_atomically(out_path) as tmp:
+        Image.open(buffer).convert('RGB').quantize(colors=256).save(tmp, format='png',
+                                                                    optimize=True)
 
 
 def _draw_cell(figure, size, left, top, path, colour, label):

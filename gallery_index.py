@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from utils import written_atomically
+
 INDEX_FORMAT = 'deen-vireid-gallery-index-1'
 DEFAULT_INDEX_FOLDER = '.deen-index'  # inside the gallery folder; image_files skips it (hidden)
 # A file modified this close before a scan may change again within the file system's timestamp
@@ -126,17 +128,10 @@ def write_index(path, key, scanned_ns, readable, features, unreadable):
     """Write an index file atomically (numpy arrays only, read without pickle): readable and
     unreadable map names (paths relative to the folder) to (size, mtime_ns), features [N, ...]
     are the rows of readable's names in their order."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as handle:
-            np.savez(handle, key=np.array(json.dumps(key)), scanned_ns=np.int64(scanned_ns),
-                     features=features, **_signature_arrays('', readable),
-                     **_signature_arrays('unreadable_', unreadable))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with written_atomically(path) as tmp, open(tmp, 'wb') as handle:
+        np.savez(handle, key=np.array(json.dumps(key)), scanned_ns=np.int64(scanned_ns),
+                 features=features, **_signature_arrays('', readable),
+                 **_signature_arrays('unreadable_', unreadable))
 
 
 def _signature_arrays(prefix, signatures):

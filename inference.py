@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from data_loader import TestImageSet
 from model import build_model, converted_state_dict, load_model_weights, method_of_state_dict
-from utils import DistContext, UserError, autocast_context, load_checkpoint
+from utils import (DistContext, UserError, autocast_context, load_checkpoint,
+                   written_atomically)
 
 CHECKPOINT_FORMAT = 'deen-vireid'
 FEATURES_FORMAT = 'deen-vireid-features'
@@ -134,9 +135,8 @@ class FeatureStore:
             m: {'paths': self.paths[m], 'pids': torch.from_numpy(self.pids[m]),
                 'camids': torch.from_numpy(self.camids[m]), 'features': self.features[m].cpu()}
             for m in self.features}}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        torch.save(content, path)
+        with written_atomically(path) as tmp:
+            torch.save(content, tmp)
 
     @classmethod
     def load(cls, path):
@@ -308,10 +308,12 @@ class ReIDModel:
 
     def __init__(self, model, info, device, img_h=None, img_w=None, batch_size=64, workers=0,
                  amp='off', channels_last=False, compile=False):
+        from checks import check_network_input  # checks.py imports this module
         self.model, self.info, self.device = model, info, torch.device(device)
         self.settings = SimpleNamespace(img_h=img_h or info['img_h'], img_w=img_w or info['img_w'],
                                         test_batch=batch_size, workers=workers, amp=amp,
                                         channels_last=channels_last, compile=compile)
+        check_network_input(model, info['method'], self.settings.img_h, self.settings.img_w)
         self.model = inference_model(model, self.settings)
 
     @classmethod

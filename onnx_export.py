@@ -8,7 +8,7 @@ import torch
 
 from data_loader import IMAGENET_MEAN, IMAGENET_STD, TestImageSet
 from inference import FUSIONS, embed_batch
-from utils import UserError
+from utils import UserError, written_atomically
 
 OPSET = 18
 ONNX_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')  # onnxscript: torch.onnx's exporter
@@ -63,15 +63,18 @@ def export_onnx(model, info, modalities, path, fp16=False, opset=OPSET):
     inputs, outputs = io_names(modalities)
     example = tuple(torch.zeros(EXAMPLE_BATCH, 3, info['img_h'], info['img_w']) for _ in modalities)
     batch = tuple({0: torch.export.Dim(f'{name}_batch', min=1)} for name in inputs)
-    torch.onnx.export(graph, example, path, input_names=inputs, output_names=outputs,
-                      opset_version=opset, dynamic_shapes=batch, external_data=False, verbose=False)
     import onnx
-    proto = onnx.load(path)
-    fixed = [i.name for i in proto.graph.input if i.type.tensor_type.shape.dim[0].dim_param == '']
-    if fixed:
-        raise ExportMismatch(f'the exported graph fixed the batch size of {", ".join(fixed)}.')
-    onnx.helper.set_model_props(proto, graph_metadata(info, modalities, fp16))
-    onnx.save(proto, path)
+    with written_atomically(path) as tmp:  # a failed export leaves an earlier file as it was
+        torch.onnx.export(graph, example, tmp, input_names=inputs, output_names=outputs,
+                          opset_version=opset, dynamic_shapes=batch, external_data=False,
+                          verbose=False)
+        proto = onnx.load(tmp)
+        fixed = [i.name for i in proto.graph.input
+                 if i.type.tensor_type.shape.dim[0].dim_param == '']
+        if fixed:
+            raise ExportMismatch(f'the exported graph fixed the batch size of {", ".join(fixed)}.')
+        onnx.helper.set_model_props(proto, graph_metadata(info, modalities, fp16))
+        onnx.save(proto, tmp)
     return path
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from data_manager import dataset_facts, layout_of
 from evaluation import describe_setting, write_results
 from provenance import describe_code, describe_environment
+from utils import written_atomically
 
 METRICS = ('Rank-1', 'Rank-10', 'Rank-20', 'mAP', 'mINP')
 
@@ -175,6 +176,6 @@ def write_comparison(comparison, folder):
     """Write <dataset>_<method>_comparison.md and .json into folder; returns the two paths."""
     stem = os.path.join(folder, f'{comparison["dataset"]}_{comparison["method"]}_comparison')
     write_results(stem + '.json', comparison)
-    with open(stem + '.md', 'w') as handle:
+    with written_atomically(stem + '.md') as tmp, open(tmp, 'w') as handle:
         handle.write(comparison_markdown(comparison))
     return stem + '.md', stem + '.json'

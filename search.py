@@ -11,7 +11,7 @@ from gallery_index import DEFAULT_INDEX_FOLDER, update_index
 from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
                        rank_gallery)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   manual_parser, resolve_device, run_main)
+                   manual_parser, resolve_device, run_main, written_atomically)
 
 MAX_DRAWN_QUERIES = 20  # rows of the rank-list PNG; the JSON holds every query
 NAMED_SKIPPED = 3       # unreadable files named in the message; the JSON lists all
@@ -129,7 +129,7 @@ def write_outputs(results, args, index, unreadable_queries):
     search.png (the rank lists of the first MAX_DRAWN_QUERIES queries)."""
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = (os.path.join(args.out, name) for name in ('search.json', 'search.png'))
-    with open(json_path, 'w') as handle:
+    with written_atomically(json_path) as tmp, open(tmp, 'w') as handle:
         json.dump({'checkpoint': args.resume, 'gallery': args.gallery,
                    'query_modality': args.query_modality,
                    'gallery_modality': args.gallery_modality, 'fusion': args.fusion,

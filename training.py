@@ -27,7 +27,8 @@ from provenance import run_provenance
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
                    autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
                    from_main_process, gathered, load_checkpoint, manual_parser, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logger, setup_runtime)
+                   save_checkpoint, seed_everything, set_rng_state, setup_logger, setup_runtime,
+                   written_atomically)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
@@ -589,8 +590,8 @@ def append_history(path, record):
 
 
 def save_args(args, name):
-    os.makedirs(args.log_path, exist_ok=True)
-    with open(os.path.join(args.log_path, name + '_args.json'), 'w') as handle:
+    with written_atomically(os.path.join(args.log_path, name + '_args.json')) as tmp, \
+            open(tmp, 'w') as handle:
         json.dump(plain_args(args), handle, indent=2)
 
 
@@ -625,6 +626,17 @@ def resume_path(args, last_path, ctx):
     raise UserError(f'{flag("resume")} last: there is no {last_path} to continue from; run '
                     f'without {flag("resume")} to start, or pass the {flag("model_path")} of the '
                     f'run to continue.')
+
+
+def continue_hint(args, last_path):
+    """What continues an interrupted run whose `last` is last_path, for the flags it was given."""
+    if args.resume in ('auto', 'last') or (
+            args.resume and os.path.abspath(args.resume) == os.path.abspath(last_path)):
+        return 'the same command continues it'
+    if args.resume:
+        return (f'continue with the same command, {flag("resume")} {last_path} instead of '
+                f'{args.resume}')
+    return f'continue with the same command plus {flag("resume")} {last_path}'
 
 
 def finite_weights(model):
@@ -726,8 +738,8 @@ def main(argv=None):
                             f'{trainer.last_path}')
     except Interrupted:
         if ctx.is_main:
-            print(f'interrupted: saved {trainer.last_path}; continue with the same command plus '
-                  f'--resume {trainer.last_path}', file=sys.stderr)
+            hint = continue_hint(args, trainer.last_path)
+            print(f'interrupted: saved {trainer.last_path}; {hint}', file=sys.stderr)
         return 130
     finally:
         if ctx.enabled and not joined and dist.is_initialized():

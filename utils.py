@@ -44,12 +44,16 @@ def flag(dest):
 
 
 def run_main(main_fn):
-    """Run a script's main(), turning UserError into one line on stderr and exit status 2."""
+    """Run a script's main(), turning UserError into one line on stderr and exit status 2. Under
+    torchrun only the first process of each launcher (local rank 0) prints it: the checks run on
+    every process and fail alike, and one sentence per process would repeat it, interleaved in
+    the launcher's output; each node's output still says why its processes stopped."""
     try:
         return main_fn()
     except UserError as error:
         end_progress_bars()
-        print(f'error: {user_message(error)}', file=sys.stderr)
+        if os.environ.get('LOCAL_RANK', '0') == '0':
+            print(f'error: {user_message(error)}', file=sys.stderr)
         return 2
 
 
@@ -315,8 +319,33 @@ def init_distributed(device_type):
     if world_size == 1:
         return DistContext()
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+        store = attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ['RANK']),
+                                    world_size=world_size)
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0)))
+
+
+def attempt_store(world_size):
+    """The launcher's store seen through a prefix of this restart attempt, when torchrun shares
+    its own store with the workers (TORCHELASTIC_USE_AGENT_STORE: the static rendezvous of
+    --master-addr/--master-port, and c10d unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); None
+    otherwise. That store lives as long as the launcher, and torch (2.14) gives its workers no
+    prefix per attempt: a restarted group would read the process addresses that the killed
+    attempt published and fail to connect to them, or hang. TORCHELASTIC_RESTART_COUNT
+    numbers the attempts of the one launcher of a single-node run (GROUP_WORLD_SIZE 1); the
+    launchers of several nodes count their restarts each on its own (a node that joins, or whose
+    workers did not fail, counts none), so there the store is left as torch gives it."""
+    shared = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True)
+    if not shared or os.environ.get('GROUP_WORLD_SIZE') != '1':
+        return None
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                          is_master=False)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    return dist.PrefixStore(f'deen/attempt_{attempt}', store)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,6 +467,25 @@ TORCH_SIGNATURES = (b'PK\x03\x04', b'\x80')
 OTHER_SIGNATURES = {b'\xff\xd8\xff': 'a JPEG image', b'\x89PNG': 'a PNG image',
                     b'GIF8': 'a GIF image', b'\x93NUMPY': 'a NumPy .npy array',
                     b'\x1f\x8b': 'a gzip archive', b'%PDF': 'a PDF document'}
+
+
+@contextlib.contextmanager
+def written_atomically(path):
+    """Yield a temporary path in path's folder to write the whole file into; when the block ends
+    normally it replaces path (a rename: readers see the old file or the new one, never half of
+    one), and when it fails (an error, an interrupt) it is removed and path is left as it was.
+    Every derived file but the checkpoints (save_checkpoint, which also fsyncs and names a
+    failure) is written through it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def save_checkpoint(state, path):

@@ -10,13 +10,14 @@ import numpy as np
 
 import figures
 from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
-                    check_output_folder, check_runtime_flags, check_torch_file)
+                    check_network_input, check_output_folder, check_runtime_flags,
+                    check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
 from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
                        load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
-                   manual_parser, resolve_device, run_main)
+                   manual_parser, resolve_device, run_main, written_atomically)
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
 PLOTS = FEATURE_PLOTS + ('curves',)
@@ -142,8 +143,9 @@ class TestSet:
         if not args.features:
             check_images_exist(self.image_lists(), 'test')
             model, info = load_trained_model(args.resume, args.dataset, device)
-            self.model = inference_model(model, args)
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
+            check_network_input(model, info['method'], args.img_h, args.img_w)
+            self.model = inference_model(model, args)
 
     def _trials(self, trial):
         if self.layout != 'regdb':
@@ -289,7 +291,7 @@ def write(folder, name, numbers, draw):
     """Draw numbers into folder/name.png and write them to folder/name.json; a one-line note."""
     png, numbers_file = os.path.join(folder, name + '.png'), os.path.join(folder, name + '.json')
     width, height = draw(numbers, png)
-    with open(numbers_file, 'w') as handle:
+    with written_atomically(numbers_file) as tmp, open(tmp, 'w') as handle:
         json.dump(numbers, handle)
     return f'{png} ({width}x{height}) and {os.path.basename(numbers_file)}'
 

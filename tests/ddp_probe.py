@@ -2,12 +2,15 @@
 the optimiser step, the identities trained on, and the augmentation seed of every training sample
 fetched (which names its global batch); PROBE_SIGNAL="KILL@3" (or TERM@3) makes the process of
 rank PROBE_SIGNAL_RANK (default 0) send itself that signal during its 3rd step, in the first
-attempt of an elastic run only. tests/test_distributed.py reads the records."""
+attempt of an elastic run only; PROBE_LATE_RANK="0" makes that rank join each restarted attempt
+2 s after the others, as a process that starts slowly does. tests/test_distributed.py reads the
+records."""
 import hashlib
 import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_loader  # noqa: E402
@@ -69,7 +72,16 @@ def recording_getitem(records, original_getitem):
     return getitem
 
 
+def join_late_on_restart():
+    """Sleep 2 s before joining the group in a restarted attempt if PROBE_LATE_RANK names this
+    process's rank: the others then read the store before this rank publishes its address."""
+    restarted = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0'
+    if restarted and os.environ.get('PROBE_LATE_RANK') == os.environ.get('RANK'):
+        time.sleep(2)
+
+
 def main():
+    join_late_on_restart()
     records = new_records()
     training.Trainer.__init__ = instrumented_init(records, training.Trainer.__init__)
     dataset = data_loader.CrossModalTrainSet

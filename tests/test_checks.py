@@ -16,13 +16,16 @@ from PIL import Image
 
 import data_loader
 import evaluation
+import inference
 import pre_process_sysu
+import search
 import test as test_script
 import training
+import visualize
 from checks import checkpoint_estimate
 from data_manager import train_image_lists
 from model import build_model
-from tiny_runs import REPO, poison_loss_at, train_argv
+from tiny_runs import REPO, poison_loss_at, seeded_checkpoint, train_argv
 from utils import UserError, load_checkpoint, run_main, save_checkpoint
 
 
@@ -230,6 +233,36 @@ def test_missing_training_image_is_named_before_the_cache_is_built(llcm_copy, tm
     assert_refused_up_front(capsys, code, tmp_path / 'out', {}, 'training image(s)', image.name)
 
 
+def damage_image(path, damage):
+    """Make the image at path empty (0 bytes), truncated (its first half) or not an image."""
+    data = path.read_bytes()
+    path.write_bytes({'empty': b'', 'truncated': data[:len(data) // 2],
+                      'not_an_image': b'not an image'}[damage])
+
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated', 'not_an_image'])
+def test_an_undecodable_training_image_is_named_before_any_cache_work(llcm_copy, tmp_path, capsys,
+                                                                       damage):
+    """A training set gains an image that cannot be decoded beside a valid cache: the checks name
+    it, nothing is written, and the earlier cache stays valid (the next run decodes nothing)."""
+    out = tmp_path / 'out'
+    lists = train_image_lists('llcm', str(llcm_copy))
+    for modality in ('visible', 'infrared'):
+        data_loader.load_or_build_cache(lists[modality], str(out / 'cache'), (32, 64), 1, False)
+    index = llcm_copy / 'idx' / 'train_vis.txt'
+    first, label = index.read_text().splitlines()[0].split()
+    added = llcm_copy / first.replace('.jpg', '_added.jpg')
+    shutil.copy(llcm_copy / first, added)
+    damage_image(added, damage)
+    with open(index, 'a') as handle:
+        handle.write(f'{added.relative_to(llcm_copy)} {label}\n')
+    before = files_under(out)
+    code = run_train(train_argv('llcm', llcm_copy, str(out)))
+    assert_refused_up_front(capsys, code, out, before, f'training image {added} cannot be decoded')
+    assert all(data_loader.cache_problem(lists[m], str(out / 'cache'), (32, 64)) is None
+               for m in ('visible', 'infrared'))
+
+
 def test_more_identities_per_step_than_exist(llcm_root, tmp_path, capsys):
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--batch-size', 7))
     assert_refused_up_front(capsys, code, tmp_path, {}, '--batch-size 7', 'only 6')
@@ -301,6 +334,48 @@ def test_bad_pretrained_path(llcm_root, tmp_path, capsys, kind):
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path / 'out'), '--pretrained', path))
     assert_refused_up_front(capsys, code, tmp_path / 'out', {}, f'--pretrained {path}',
                             'does not exist' if kind == 'missing' else 'is a folder')
+
+
+def test_test_py_refuses_an_image_size_the_network_cannot_take_before_extraction(
+        llcm_root, tmp_path, capsys, monkeypatch):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError('images were extracted before the image size was checked')
+
+    monkeypatch.setattr(evaluation, 'evaluate_splits', no_extraction)
+    checkpoint = tmp_path / 'model.pth'
+    seeded_checkpoint(checkpoint, 'llcm', 6)
+    code = run_main(lambda: test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root),
+                                              '--device', 'cpu', '--resume', str(checkpoint),
+                                              '--img_h', '8', '--img_w', '4']))
+    assert_refused_up_front(capsys, code, tmp_path / 'none', {},
+                            '--img_h 8 x --img_w 4 does not fit the DEEN network')
+    assert sorted(os.listdir(tmp_path)) == ['model.pth']  # no results file
+
+
+@pytest.mark.parametrize('tool', ['search', 'visualize'])
+def test_the_tools_refuse_an_image_size_the_network_cannot_take_before_extraction(
+        llcm_root, tmp_path, capsys, monkeypatch, tool):
+    def no_extraction(*args, **kwargs):
+        raise AssertionError('images were extracted before the image size was checked')
+
+    for owner in (inference, search, visualize):
+        for name in ('embed_images', 'extract_features'):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, no_extraction)
+    checkpoint = tmp_path / 'model.pth'
+    seeded_checkpoint(checkpoint, 'llcm', 6)
+    common = ['--resume', str(checkpoint), '--out', str(tmp_path / 'out'), '--device', 'cpu',
+              '--img_h', '8', '--img_w', '4']
+    if tool == 'search':
+        argv = common + ['--query', str(llcm_root / 'test_nir'), '--query-modality', 'infrared',
+                         '--gallery', str(llcm_root / 'test_vis'),
+                         '--index-dir', str(tmp_path / 'index')]
+    else:
+        argv = common + ['--dataset', 'llcm', '--data-path', str(llcm_root)]
+    main = search.main if tool == 'search' else visualize.main
+    code = run_main(lambda: main(argv))
+    assert_refused_up_front(capsys, code, tmp_path / 'none', {},
+                            '--img_h 8 x --img_w 4 does not fit the DEEN network')
 
 
 def test_test_py_checks_its_inputs_before_loading_a_model(finished_run, llcm_copy, tmp_path,
@@ -480,6 +555,26 @@ def test_a_failed_cache_build_leaves_no_temporary_array(llcm_root, tmp_path, mon
     with pytest.raises(type(failure)):
         data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
     assert cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize('failure', [UserError('image x cannot be decoded.'), KeyboardInterrupt()])
+def test_a_failed_cache_build_leaves_the_earlier_cache_valid(llcm_root, tmp_path, monkeypatch,
+                                                            failure):
+    """A rebuild (here: another size) that fails midway leaves the cache it was replacing as it
+    was: the next run at the earlier size decodes nothing."""
+    image_list = train_image_lists('llcm', str(llcm_root))['visible']
+    data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
+    before = files_under(tmp_path)
+
+    def failing(job):
+        raise failure
+
+    monkeypatch.setattr(data_loader, '_fill_chunk', failing)  # any decode now fails
+    with pytest.raises(type(failure)):
+        data_loader.load_or_build_cache(image_list, str(tmp_path), (32, 64), 1, False)
+    assert files_under(tmp_path) == before
+    images, labels = data_loader.load_or_build_cache(image_list, str(tmp_path), (16, 32), 1, False)
+    assert images.shape == (len(image_list), 32, 16, 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,21 +33,25 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def torchrun_command(script_argv, nproc=2, nnodes=1, port=None, restarts=0):
-    """A torchrun launch with c10d rendezvous on localhost, as on a cluster."""
+def torchrun_command(script_argv, nproc=2, nnodes=1, port=None, restarts=0, static=False):
+    """A torchrun launch with c10d rendezvous on localhost, as on a cluster; static=True: the
+    static rendezvous of one node (--master-addr / --master-port), as the README gives it."""
+    port = port or free_port()
+    rendezvous = ([f'--master-addr=127.0.0.1', f'--master-port={port}'] if static else
+                  ['--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}'])
     return [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nnodes}',
-            f'--nproc_per_node={nproc}', '--rdzv-backend=c10d',
-            f'--rdzv-endpoint=localhost:{port or free_port()}', f'--max-restarts={restarts}',
+            f'--nproc_per_node={nproc}', *rendezvous, f'--max-restarts={restarts}',
             '--monitor-interval=0.5', *map(str, script_argv)]
 
 
-def run_probe(out, argv, restarts=0, **env):
+def run_probe(out, argv, restarts=0, static=False, **env):
     """train.py under tests/ddp_probe.py on two processes; returns (completed process, records
     of each rank)."""
     # TMPDIR: torchrun's own scratch folders go with the test's, not into /tmp
     env = dict(os.environ, PROBE_OUT=str(out), OMP_NUM_THREADS='1', TMPDIR=str(out), **env)
-    result = subprocess.run(torchrun_command([PROBE, *argv], restarts=restarts), cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    command = torchrun_command([PROBE, *argv], restarts=restarts, static=static)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
     records = [json.load(open(out / f'probe_rank{rank}.json')) for rank in range(2)
                if (out / f'probe_rank{rank}.json').exists()]
     return result, records
@@ -150,9 +154,25 @@ def killed_and_restarted(llcm_root, tmp_path_factory):
     return out, result, records
 
 
-def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(killed_and_restarted, ddp_run):
-    out, result, (rank0, rank1) = killed_and_restarted
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope='module')
+def killed_on_one_node(llcm_root, tmp_path_factory):
+    """The README's single-node restart: the static rendezvous (--master-addr / --master-port),
+    no TORCH_DISABLE_SHARE_RDZV_TCP_STORE, --resume auto; rank 0 is SIGKILLed in its 4th step
+    (inside epoch 1) and joins the restarted group late, so that rank 1 reads the launcher's
+    store before rank 0 publishes its new address there (what failed with torch's own store;
+    the static rendezvous shares that store whatever TORCH_DISABLE_SHARE_RDZV_TCP_STORE says)."""
+    out = tmp_path_factory.mktemp('static')
+    argv = train_argv('llcm', llcm_root, str(out), '--epochs', 2, '--max-steps', 2, '--resume', 'auto')
+    result, records = run_probe(out, argv, restarts=1, static=True, PROBE_SIGNAL='KILL@4',
+                                PROBE_SIGNAL_RANK='0', PROBE_LATE_RANK='0')
+    return out, result, records
+
+
+@pytest.mark.parametrize('launch', ['killed_and_restarted', 'killed_on_one_node'])
+def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(launch, request, ddp_run):
+    out, result, records = request.getfixturevalue(launch)
+    assert result.returncode == 0 and len(records) == 2, result.stderr[-3000:]
+    rank0, rank1 = records
     log = (out / 'logs' / 'llcm_deen.log').read_text()
     assert log.count('llcm_deen on cpu x2') == 2  # the first attempt and the restarted one
     assert '--resume auto: no ' in log  # the first attempt started afresh
@@ -274,6 +294,17 @@ def run_two_nodes(tmp_path, argv):
         stdout, stderr = launcher.communicate(timeout=300)
         results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
     return results
+
+
+def test_an_error_of_every_process_is_printed_once(llcm_root, tmp_path):
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--sync-bn')
+    result = subprocess.run(torchrun_command([os.path.join(REPO, 'train.py'), *argv]), cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count('error: --sync-bn needs CUDA GPUs') == 1, result.stderr[-3000:]
+    assert 'error: --sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); drop it ' \
+        'to train on the CPU.' in result.stderr.splitlines()
 
 
 def test_each_node_builds_its_own_cache_on_a_node_local_cache_dir(llcm_root, tmp_path):

@@ -157,3 +157,22 @@ def test_a_changed_batch_plan_restarts_the_interrupted_epoch_and_says_so(llcm_ro
     assert 'epoch 0 restarts from its first batch: --num_pos (2 -> 3) changed since ' in log
     assert [r['epoch'] for r in history(out)] == [0, 1]
     assert (last_checkpoint(out)['epoch'], last_checkpoint(out)['step']) == (1, 0)
+
+
+@pytest.mark.parametrize('resume, hint', [
+    ([], 'continue with the same command plus --resume {last}'),
+    (['--resume', 'auto'], 'the same command continues it')])
+def test_the_interrupt_message_says_what_continues_for_the_flags_given(llcm_root, tmp_path,
+                                                                       monkeypatch, capsys,
+                                                                       resume, hint):
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--epochs', 1, '--max-steps', 2,
+                      '--eval-every', 0, *resume)
+    with monkeypatch.context() as patch:
+        sigterm_during_call(patch, 1)
+        assert training.main(argv) == 130
+    last = os.path.join(tmp_path, 'models', 'llcm_deen_last.pth')
+    assert f'interrupted: saved {last}; ' + hint.format(last=last) in capsys.readouterr().err
+    continued = argv + (['--resume', last] if not resume else [])
+    assert training.main(continued) == 0
+    finished = last_checkpoint(str(tmp_path))
+    assert (finished['epoch'], finished['step']) == (0, 0)
