@@ -351,8 +351,16 @@ def training_curve_numbers(records):
 
 PANEL_INCHES = (6.0, 5.0)  # one panel of a t-SNE, distance, CMC or training-curve figure
 MODALITY_MARKERS = {'visible': 'o', 'infrared': '^'}
-BRANCH_MARKERS = ('o', 's', 'D')  # original, generated 1, generated 2
-BRANCH_NAMES = ('original', 'generated 1', 'generated 2')
+BRANCH_MARKERS = ('o', 's', 'D', 'v', 'P', 'X', '*', 'h')  # original, generated 1, 2, ... (cycled)
+
+
+def branch_marker(branch):
+    """The t-SNE marker of an embedding branch (0 = original), for any number of branches."""
+    return BRANCH_MARKERS[branch % len(BRANCH_MARKERS)]
+
+
+def branch_name(branch):
+    return 'original' if branch == 0 else f'generated {branch}'
 POSITIVE_COLOUR, NEGATIVE_COLOUR = FRAME_COLOURS[True], FRAME_COLOURS[False]
 MODALITY_LINES = {'visible': '-', 'infrared': '--'}
 
@@ -402,7 +410,7 @@ def draw_tsne(numbers, out_path):
                 chosen = (modalities == modality) & (branches == branch)
                 if not chosen.any():
                     continue
-                marker = MODALITY_MARKERS[modality] if name == 'original' else BRANCH_MARKERS[branch]
+                marker = MODALITY_MARKERS[modality] if name == 'original' else branch_marker(branch)
                 colour = [colours[pid] for pid in pids[chosen]]
                 filled = modality == 'visible' or name == 'original'
                 ax.scatter(x[chosen], y[chosen], s=22, marker=marker, linewidths=1.1,
@@ -422,8 +430,8 @@ def _tsne_legend(name, branches):
     if name == 'original':
         return [Line2D([], [], marker=marker, color='k', linestyle='', label=modality)
                 for modality, marker in MODALITY_MARKERS.items()]
-    handles = [Line2D([], [], marker=BRANCH_MARKERS[b], color='k', linestyle='',
-                      label=BRANCH_NAMES[b]) for b in range(branches)]
+    handles = [Line2D([], [], marker=branch_marker(b), color='k', linestyle='',
+                      label=branch_name(b)) for b in range(branches)]
     return handles + [Line2D([], [], marker='o', color='k', markerfacecolor='none', linestyle='',
                              label='hollow: infrared')]
 
