@@ -533,3 +533,21 @@ def draw_training_curves(numbers, out_path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _save(figure, out_path)
+
+
+def draw_sweep(numbers, out_path):
+    """A parameter study (reproduce.py --sweep): Rank-1 and mAP in % against the swept value,
+    the paper's choice marked by a dashed line when it has one."""
+    figure, (ax,) = _panels(1)
+    for metric, style in (('Rank-1', 'o-'), ('mAP', 's--')):
+        ax.plot(numbers['values'], numbers[metric], style, label=metric)
+    if numbers.get('paper_choice') is not None:
+        ax.axvline(numbers['paper_choice'], color='grey', linestyle=':',
+                   label=f'paper: {numbers["flag"]} {numbers["paper_choice"]:g}')
+    ax.set_xlabel(numbers['flag'])
+    ax.set_ylabel('%')
+    ax.set_title(f'{numbers["dataset"]} {numbers["setting"]}, fusion {numbers["fusion"]}',
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(figure, out_path)

@@ -292,3 +292,11 @@ def ablation_markdown(table, dataset, rows, seeds):
         lines.append('- the demo data is synthetic (LLCM\'s layout): its numbers beside LLCM\'s say '
                      'nothing about the paper\'s claims on real data.')
     return '\n'.join(lines) + '\n'
+
+
+def ablation_numbers(records, setting, fusion):
+    """{Rank-1, mAP} in %, the mean over every trial of the results records of one row (its
+    seeds), as compare's 'ours'."""
+    by_seed = {seed: record['results'][setting][fusion] for seed, record in records}
+    return {metric: _summary({seed: values[metric][2] for seed, values in by_seed.items()})['mean']
+            for metric in ('Rank-1', 'mAP')}
