@@ -343,13 +343,14 @@ class TwoStreamNet(nn.Module):
                                              # batch is [visible; infrared], N = Nv + Ni
         train mode -> TrainOutput(pool [k*N, D] pre-BN pooled embeddings (fp32),
                                   logits [k*N, #ids],
-                                  ortho: DEEN's orthogonal term (scalar tensor); None for AGW)
+                                  ortho: DEEN's orthogonal term (scalar tensor); None for AGW
+                                  and for DEEN with fewer than two generated embeddings)
         eval mode  -> (pool, feat), each L2-normalised, [k*N, D] (fp32)
 
-    k = model.num_branches (DEEN 3, AGW 1), D = model.embed_dim (ResNet-50: 2048, DEEN on RegDB
-    1024; ResNet-18/34: 512 and 256). model.arch names the trunk, model.widths its stage widths.
-    DEEN's rows are [orig; gen1; gen2], each [visible; infrared] (DEE triples the batch, also at
-    test time); AGW's rows are [visible; infrared].
+    k = model.num_branches (released DEEN 3, AGW 1; DEEN's switches set it), D = model.embed_dim
+    (ResNet-50: 2048, DEEN on RegDB 1024; ResNet-18/34: 512 and 256). model.arch names the trunk,
+    model.widths its stage widths. DEEN's rows are [orig; gen1; ...], each [visible; infrared]
+    (DEE multiplies the batch by k, also at test time); AGW's rows are [visible; infrared].
 
     State dict keys shared by both: visible_stem.{conv1,bn1}.*, infrared_stem.{conv1,bn1}.*,
     trunk.layer{1,2,3,4}.<torchvision ResNet names> (DEEN on RegDB: no layer4), bottleneck.*
