@@ -344,6 +344,9 @@ def sweep_dest(sweep):
     """The argparse dest of --sweep's FLAG ('lambda_1', '--lambda_1', '--cpm-margin', ...), which
     must name a numeric train.py flag; its values must be numbers."""
     dest = sweep[0].lstrip('-').replace('-', '_')
+    if flag(dest) in CONTROLLED:
+        raise UserError(f'--sweep {sweep[0]}: reproduce.py sets {flag(dest)} itself; use '
+                        f'{CONTROLLED[flag(dest)]} instead.')
     default = vars(training.parse_args([])).get(dest, 'missing')
     if isinstance(default, bool) or not isinstance(default, (int, float, type(None))):
         raise UserError(f'--sweep {sweep[0]}: expected a numeric train.py flag, e.g. lambda_1, '

@@ -224,8 +224,8 @@ def describe_network(args):
            if LOSS_WEIGHTS[dest][1] > switches.num_branches - 1]
     line = f'DEEN network: {switches.describe()}, {switches.num_branches} embedding(s) per image'
     if off:
-        line += (f'; {" and ".join(off)} off (they need generated embeddings: '
-                 f'{switches.num_branches - 1} here)')
+        line += (f'; {" and ".join(off)} off ({switches.num_branches - 1} generated '
+                 f'embedding(s): L_cpm needs one, L_ort two)')
     return line
 
 

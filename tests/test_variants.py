@@ -317,6 +317,7 @@ def test_sweep_draws_rank1_and_map_against_the_value(demo, tmp_path):
     (['--sweep', 'lambda_1'], 'at least one value'),
     (['--sweep', 'arch', 'resnet18'], 'expected a numeric train.py flag'),
     (['--sweep', 'lambda_1', 'big'], "'big' is not a number"),
+    (['--sweep', 'seed', '0', '1'], 'reproduce.py sets --seed itself; use --seeds'),
     (['--sweep', 'lambda_1', '0.5', '--table', 'components'], 'pass one of them'),
     ([], 'needs --dataset'),
 ])
