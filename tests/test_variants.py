@@ -24,7 +24,7 @@ import visualize
 from inference import load_trained_model
 from loss import build_criterion, orthogonal_loss
 from model import DEEBranch, MFABlock, NetworkSwitches, NonLocal, TrainOutput, build_model
-from tiny_runs import TINY, train_argv
+from tiny_runs import TINY, randomise_batchnorm, train_argv
 from utils import UserError, run_main
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +65,26 @@ def test_released_variant_has_todays_keys_parameters_and_seeded_weights(dataset)
     assert total == pytest.approx(expected[3], abs=1e-6)
     assert weighted == pytest.approx(expected[4], abs=1e-6)
     assert model.switches == NetworkSwitches.released(dataset == 'regdb') == NetworkSwitches.of(dataset)
+
+
+# The same code's eval-mode outputs (pool, BNNeck feature) of that seeded model after
+# tiny_runs.randomise_batchnorm(model, 0) (no block is the identity), for images
+# torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(0)), 2 visible + 2 infrared:
+# each summed with the weights cos(1..n).
+RELEASED_FORWARD = {'llcm': (-0.2618627511, -0.1274111068), 'regdb': (0.4989326558, 0.2254616184)}
+
+
+@pytest.mark.parametrize('dataset', ['llcm', 'regdb'])
+def test_released_variant_gives_todays_forward_numbers(dataset):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(build_model('deen', 7, dataset, arch='resnet18'), 0).eval()
+    images = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pool, feat = model(visible=images[:2], infrared=images[2:])
+    weights = torch.arange(1, pool.numel() + 1, dtype=torch.float64).cos().reshape(pool.shape)
+    sums = ((pool.double() * weights).sum().item(), (feat.double() * weights).sum().item())
+    assert pool.shape == (12, model.embed_dim)
+    assert sums == pytest.approx(RELEASED_FORWARD[dataset], abs=1e-5)  # thread-count rounding
 
 
 def loss_inputs():
