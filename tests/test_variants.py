@@ -21,7 +21,7 @@ import search
 import test as test_script
 import training
 import visualize
-from inference import load_trained_model
+from inference import ReIDModel, load_trained_model
 from loss import build_criterion, orthogonal_loss
 from model import DEEBranch, MFABlock, NetworkSwitches, NonLocal, TrainOutput, build_model
 from tiny_runs import TINY, randomise_batchnorm, train_argv
@@ -225,10 +225,12 @@ def variant(request, llcm_root, tmp_path_factory):
     return request.param, folder / 'models' / 'llcm_deen_best.pth', branches, folder
 
 
-def test_checkpoint_records_its_switches_and_rebuilds_its_network(variant):
+def test_checkpoint_records_its_switches_and_rebuilds_its_network(variant, llcm_root):
     name, checkpoint, branches, folder = variant
     model, info = load_trained_model(str(checkpoint))
     assert model.num_branches == branches
+    image = next((llcm_root / 'test_vis').rglob('*.jpg'))
+    assert ReIDModel.load(str(checkpoint), device='cpu').embed([image], 'visible').shape[2] == branches
     assert NetworkSwitches.of('llcm', info['network']) == model.switches
     log = (folder / 'logs' / 'llcm_deen.log').read_text()
     assert (('L_cpm and L_ort off' in log) == (branches == 1) and
