@@ -198,11 +198,14 @@ ABLATION_TABLES = {
     'components': {
         'title': 'Table 4: DEEN\'s components (DEE, L_cpm, L_ort, MFA)',
         'rows': [
-            ('baseline', ('--dee-stage', 'none', *NO_MFA), {'llcm': (45.4, 53.6), 'sysu': (60.7, 57.7)}),
+            ('baseline', ('--dee-stage', 'none', *NO_MFA),
+             {'llcm': (45.4, 53.6), 'sysu': (60.7, 57.7)}),
             ('DEE', (*NO_MFA, '--lambda_1', '0', '--lambda_2', '0'),
              {'llcm': (50.5, 59.0), 'sysu': (64.7, 62.0)}),
-            ('DEE + L_cpm', (*NO_MFA, '--lambda_2', '0'), {'llcm': (53.1, 61.1), 'sysu': (69.2, 66.2)}),
-            ('DEE + L_ort', (*NO_MFA, '--lambda_1', '0'), {'llcm': (51.5, 60.1), 'sysu': (65.3, 63.2)}),
+            ('DEE + L_cpm', (*NO_MFA, '--lambda_2', '0'),
+             {'llcm': (53.1, 61.1), 'sysu': (69.2, 66.2)}),
+            ('DEE + L_ort', (*NO_MFA, '--lambda_1', '0'),
+             {'llcm': (51.5, 60.1), 'sysu': (65.3, 63.2)}),
             ('DEE + L_cpm + L_ort', NO_MFA, {'llcm': (53.9, 62.3), 'sysu': (69.8, 66.7)}),
             ('MFA', ('--dee-stage', 'none'), {'llcm': (51.2, 59.6), 'sysu': (64.7, 62.0)}),
             ('DEE + L_cpm + L_ort + MFA', (), {'llcm': (54.9, 62.9), 'sysu': (74.7, 71.8)}),
