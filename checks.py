@@ -15,7 +15,7 @@ import torch
 from data_loader import cache_bytes, cache_problem, image_problem
 from data_manager import dataset_facts
 from inference import CHECKPOINT_FORMAT
-from model import build_model
+from model import SWITCHES, NetworkSwitches, build_model
 from utils import (UserError, checkpoint_bytes, checkpoint_file_problem, first_sentence, flag,
                    free_bytes, gathered, load_checkpoint, nearest_existing, rng_state,
                    storage_problem)
@@ -122,6 +122,20 @@ def check_resume_state(state, path, args, num_classes, epochs=None):
                         f'train on.')
 
 
+def check_resume_network(state, path, args):
+    """A checkpoint to continue has the network this run builds: DEEN's switches equal those it
+    records (none recorded, or a released checkpoint: the released network of --dataset)."""
+    if args.method != 'deen':
+        return
+    recorded = state.get('network') if state.get('format') == CHECKPOINT_FORMAT else None
+    saved, wanted = NetworkSwitches.of(args.dataset, recorded), NetworkSwitches.from_args(args)
+    differ = [f'{flag(name)} {saved.flag_value(name)} (this run: {wanted.flag_value(name)})'
+              for name in SWITCHES if getattr(saved, name) != getattr(wanted, name)]
+    if differ:
+        raise UserError(f'checkpoint {path} holds another network: it was trained with '
+                        f'{", ".join(differ)}; pass the same switches to continue it.')
+
+
 def check_images_exist(image_lists, what):
     """Every image an index file or folder listing names is a file."""
     missing = [path for image_list in image_lists for path in image_list.paths
@@ -143,10 +157,11 @@ def check_images_decode(image_lists, what):
                                 f'dataset.')
 
 
-def check_image_size(args, method, num_classes, dataset):
+def check_image_size(args, method, num_classes, dataset, switches=None):
     """The network takes --img_h x --img_w images: one image passes through a freshly built
-    (randomly initialised) network of this run. Returns that network."""
-    model = build_model(method, num_classes, dataset, pretrained=None, arch=args.arch).eval()
+    (randomly initialised) network of this run (DEEN: with `switches`). Returns that network."""
+    model = build_model(method, num_classes, dataset, pretrained=None, arch=args.arch,
+                        switches=switches).eval()
     check_network_input(model, method, args.img_h, args.img_w)
     return model
 

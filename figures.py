@@ -352,8 +352,16 @@ def training_curve_numbers(records):
 
 PANEL_INCHES = (6.0, 5.0)  # one panel of a t-SNE, distance, CMC or training-curve figure
 MODALITY_MARKERS = {'visible': 'o', 'infrared': '^'}
-BRANCH_MARKERS = ('o', 's', 'D')  # original, generated 1, generated 2
-BRANCH_NAMES = ('original', 'generated 1', 'generated 2')
+BRANCH_MARKERS = ('o', 's', 'D', 'v', 'P', 'X', '*', 'h')  # original, generated 1, 2, ... (cycled)
+
+
+def branch_marker(branch):
+    """The t-SNE marker of an embedding branch (0 = original), for any number of branches."""
+    return BRANCH_MARKERS[branch % len(BRANCH_MARKERS)]
+
+
+def branch_name(branch):
+    return 'original' if branch == 0 else f'generated {branch}'
 POSITIVE_COLOUR, NEGATIVE_COLOUR = FRAME_COLOURS[True], FRAME_COLOURS[False]
 MODALITY_LINES = {'visible': '-', 'infrared': '--'}
 
@@ -403,7 +411,7 @@ def draw_tsne(numbers, out_path):
                 chosen = (modalities == modality) & (branches == branch)
                 if not chosen.any():
                     continue
-                marker = MODALITY_MARKERS[modality] if name == 'original' else BRANCH_MARKERS[branch]
+                marker = MODALITY_MARKERS[modality] if name == 'original' else branch_marker(branch)
                 colour = [colours[pid] for pid in pids[chosen]]
                 filled = modality == 'visible' or name == 'original'
                 ax.scatter(x[chosen], y[chosen], s=22, marker=marker, linewidths=1.1,
@@ -423,8 +431,8 @@ def _tsne_legend(name, branches):
     if name == 'original':
         return [Line2D([], [], marker=marker, color='k', linestyle='', label=modality)
                 for modality, marker in MODALITY_MARKERS.items()]
-    handles = [Line2D([], [], marker=BRANCH_MARKERS[b], color='k', linestyle='',
-                      label=BRANCH_NAMES[b]) for b in range(branches)]
+    handles = [Line2D([], [], marker=branch_marker(b), color='k', linestyle='',
+                      label=branch_name(b)) for b in range(branches)]
     return handles + [Line2D([], [], marker='o', color='k', markerfacecolor='none', linestyle='',
                              label='hollow: infrared')]
 
@@ -525,4 +533,22 @@ def draw_training_curves(numbers, out_path):
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    return _save(figure, out_path)
+
+
+def draw_sweep(numbers, out_path):
+    """A parameter study (reproduce.py --sweep): Rank-1 and mAP in % against the swept value,
+    the paper's choice marked by a dashed line when it has one."""
+    figure, (ax,) = _panels(1)
+    for metric, style in (('Rank-1', 'o-'), ('mAP', 's--')):
+        ax.plot(numbers['values'], numbers[metric], style, label=metric)
+    if numbers.get('paper_choice') is not None:
+        ax.axvline(numbers['paper_choice'], color='grey', linestyle=':',
+                   label=f'paper: {numbers["flag"]} {numbers["paper_choice"]:g}')
+    ax.set_xlabel(numbers['flag'])
+    ax.set_ylabel('%')
+    ax.set_title(f'{numbers["dataset"]} {numbers["setting"]}, fusion {numbers["fusion"]}',
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(figure, out_path)

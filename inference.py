@@ -11,7 +11,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_loader import TestImageSet
-from model import build_model, converted_state_dict, load_model_weights, method_of_state_dict
+from model import (NetworkSwitches, build_model, converted_state_dict, load_model_weights,
+                   method_of_state_dict)
 from utils import (DistContext, UserError, autocast_context, load_checkpoint,
                    written_atomically)
 
@@ -33,7 +34,8 @@ def load_trained_model(path, dataset=None, device='cpu'):
     count names its dataset. `dataset` (None: the checkpoint's) is the test dataset. Returns
     (model, info) with info holding method, arch, img_h, img_w, num_classes, epoch, the training
     dataset (a released checkpoint's as its class count names it, else None), provenance (ours:
-    how it was trained, see provenance.py) and seed."""
+    how it was trained, see provenance.py), seed and network (DEEN's switches as recorded, a dict
+    of model.NetworkSwitches; None: the released network, as in released and older checkpoints)."""
     state = load_checkpoint(path)
     trained_on, _ = checkpoint_dataset(state, path, required=dataset is None)
     dataset = dataset or trained_on
@@ -47,6 +49,7 @@ def load_trained_model(path, dataset=None, device='cpu'):
         info['arch'] = state.get('arch', 'resnet50')
         info['provenance'] = state.get('provenance')
         info['seed'] = state.get('args', {}).get('seed')
+        info['network'] = state.get('network')  # DEEN's switches; None: released (older files)
         weights = state['model']
     else:
         weights = released_weights(state, path)
@@ -55,9 +58,10 @@ def load_trained_model(path, dataset=None, device='cpu'):
         info = {'method': method, 'arch': 'resnet50', 'img_h': height, 'img_w': width,
                 'num_classes': int(weights['classifier.weight'].shape[0]),
                 'epoch': state.get('epoch'), 'dataset': trained_on, 'provenance': None,
-                'seed': None}
+                'seed': None, 'network': None}
+    switches = NetworkSwitches.of(dataset, info['network']) if info['method'] == 'deen' else None
     model = build_model(info['method'], info['num_classes'], dataset, pretrained=None,
-                        arch=info['arch'])
+                        arch=info['arch'], switches=switches)
     try:
         load_model_weights(model, weights)
     except UserError as error:

@@ -96,10 +96,14 @@ def center_pair_mining_loss(embeddings, labels, margin=0.2):
 
 @full_precision
 def orthogonal_loss(pool, num_branches=3):
-    """DEEN's orthogonal term: sum_i <gen1_i, gen2_i> / (num_branches * N) for pool [3N, D] in the
-    order [orig; gen1; gen2] (the two generated embeddings of the same input image)."""
-    _, first, second = pool.chunk(num_branches)
-    return (first * second).sum() / len(pool)
+    """DEEN's orthogonal term, the released upper-triangle sum over every pair of generated
+    embeddings of the same image: sum_{j<l} sum_i <gen_j,i, gen_l,i> / (num_branches * N) for
+    pool [kN, D] in the order [orig; gen1; ...; gen_(k-1)] (released: k = 3, the one pair
+    <gen1, gen2>). Needs two generated embeddings."""
+    _, *generated = pool.chunk(num_branches)
+    pairs = [(first * second).sum() for j, first in enumerate(generated)
+             for second in generated[j + 1:]]
+    return sum(pairs) / len(pool)
 
 
 def softmax_weights(dist, mask):
@@ -131,11 +135,13 @@ def identity_loss(logits, labels):
 # Criteria the training loop calls: criterion(TrainOutput, labels) -> (total, parts)
 
 class DEENCriterion(nn.Module):
-    """L = L_id + L_tri + lambda_1 (CPM(orig, gen1) + CPM(orig, gen2)) + lambda_2 L_ort.
+    """L = L_id + L_tri + lambda_1 sum_j CPM(orig, gen_j) + lambda_2 L_ort.
 
-    labels [2B] = [visible; infrared] of the input batch; the model's outputs hold 3 branches
-    [orig; gen1; gen2], each [visible; infrared], so labels are repeated per branch. The parts
-    are detached and already weighted ('cpm' includes lambda_1, 'ort' lambda_2): they sum to L.
+    labels [2B] = [visible; infrared] of the input batch; the model's outputs hold k branches
+    [orig; gen1; ...] (released: 3), each [visible; infrared], so labels are repeated per branch.
+    Without generated embeddings (no DEE) there is no 'cpm' part, without a pair of them no
+    'ort'. The parts are detached and already weighted ('cpm' includes lambda_1, 'ort'
+    lambda_2): they sum to L.
     """
 
     def __init__(self, margin=0.3, cpm_margin=0.2, lambda_1=0.8, lambda_2=0.01):
@@ -149,9 +155,11 @@ class DEENCriterion(nn.Module):
         parts = {
             'id': identity_loss(out.logits, branch_labels),
             'tri': batch_hard_triplet_loss(out.pool, branch_labels, self.margin),
-            'cpm': self.lambda_1 * self.pair_mining(out.pool, labels, branches),
-            'ort': self.lambda_2 * out.ortho.float(),
         }
+        if branches > 1:  # generated embeddings to pull (no DEE: the baseline's id + triplet)
+            parts['cpm'] = self.lambda_1 * self.pair_mining(out.pool, labels, branches)
+        if out.ortho is not None:  # a pair of generated embeddings
+            parts['ort'] = self.lambda_2 * out.ortho.float()
         total = sum(parts.values())
         return total, {name: value.detach() for name, value in parts.items()}
 

@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import urllib.error
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -196,8 +197,8 @@ class DEEBranch(nn.Module):
 
 
 class DEEModule(nn.Module):
-    """Diverse embedding expansion: [B, C, H, W] -> [3B, C, H, W] = [x; branch1(x); branch2(x)],
-    then Dropout(0.01)."""
+    """Diverse embedding expansion: [B, C, H, W] -> [(1 + n)B, C, H, W] = [x; branch1(x); ...;
+    branch_n(x)] for n = num_generated (released: 2), then Dropout(0.01)."""
 
     def __init__(self, channels, num_generated=2, dropout=0.01):
         super().__init__()
@@ -258,6 +259,78 @@ def average_pool(x):
 
 
 # ----------------------------------------------------------------------------------------------
+# DEEN's parts as switches (the paper's ablations)
+
+DEE_STAGES = (0, 1, 2, 3, 4)        # after the modality stem (0) or after ResNet stage 1..4
+ATTENTIONS = ('mfa', 'nonlocal', 'none')
+SWITCHES = ('dee_stage', 'dee_embeddings', 'attention', 'nonlocal_reduction')  # train.py's dests
+
+
+@dataclass(frozen=True)
+class NetworkSwitches:
+    """Which of DEEN's parts a network has, as train.py's flags set them and every checkpoint
+    records them (asdict). dee_stage: where DEE sits, None for no DEE; dee_embeddings: how many
+    embeddings DEE generates; attention: the block after ResNet stages 1-3 (RegDB: 1-2), MFA, a
+    non-local block (NonLocal with channels / nonlocal_reduction inter-channels) or none."""
+    dee_stage: Optional[int] = 3
+    dee_embeddings: int = 2
+    attention: str = 'mfa'
+    nonlocal_reduction: int = 2
+
+    @classmethod
+    def released(cls, regdb=False):
+        """The released DEEN: DEE after stage 3 (RegDB: after stage 2), two generated, MFA."""
+        return cls(dee_stage=2 if regdb else 3)
+
+    @classmethod
+    def of(cls, dataset, recorded=None):
+        """The switches of a DEEN on `dataset` as a checkpoint records them (a dict; None, or
+        missing keys as in checkpoints older than the switches: the released ones)."""
+        return replace(cls.released(dataset == 'regdb'), **(recorded or {}))
+
+    @classmethod
+    def from_args(cls, args):
+        """The switches of train.py's resolved arguments (--dee-stage none: no DEE)."""
+        values = {name: getattr(args, name) for name in SWITCHES}
+        return cls(**{**values, 'dee_stage': None if values['dee_stage'] == 'none'
+                      else values['dee_stage']})
+
+    def flag_value(self, name):
+        """A switch as train.py's flag spells it (no DEE: 'none')."""
+        value = getattr(self, name)
+        return 'none' if value is None else value
+
+    @property
+    def num_branches(self):
+        """Embeddings per image: the original plus the generated ones (1 without DEE)."""
+        return 1 if self.dee_stage is None else 1 + self.dee_embeddings
+
+    def describe(self):
+        dee = ('no DEE' if self.dee_stage is None else
+               f'DEE after stage {self.dee_stage} ({self.dee_embeddings} generated)')
+        attention = {'mfa': 'MFA', 'none': 'no attention',
+                     'nonlocal': f'non-local (C/{self.nonlocal_reduction})'}[self.attention]
+        return f'{dee}, {attention}'
+
+    def check(self, regdb):
+        """One sentence for a combination the network cannot have."""
+        if self.dee_stage is not None and self.dee_stage not in DEE_STAGES:
+            raise UserError(f'{flag("dee_stage")} must be one of 0..4 or none, got {self.dee_stage!r}.')
+        if regdb and self.dee_stage == 4:
+            raise UserError(f'{flag("dee_stage")} 4 is impossible on RegDB: its network has no '
+                            f'stage 4 (layer4); use 0..3.')
+        if self.dee_embeddings < 1:
+            raise UserError(f'{flag("dee_embeddings")} must be at least 1, got '
+                            f'{self.dee_embeddings}; {flag("dee_stage")} none turns DEE off.')
+        if self.attention not in ATTENTIONS:
+            raise UserError(f'{flag("attention")} must be one of {", ".join(ATTENTIONS)}, got '
+                            f'{self.attention!r}.')
+        if self.nonlocal_reduction < 1:
+            raise UserError(f'{flag("nonlocal_reduction")} must be at least 1, got '
+                            f'{self.nonlocal_reduction}.')
+
+
+# ----------------------------------------------------------------------------------------------
 # Networks
 
 class TwoStreamNet(nn.Module):
@@ -270,13 +343,14 @@ class TwoStreamNet(nn.Module):
                                              # batch is [visible; infrared], N = Nv + Ni
         train mode -> TrainOutput(pool [k*N, D] pre-BN pooled embeddings (fp32),
                                   logits [k*N, #ids],
-                                  ortho: DEEN's orthogonal term (scalar tensor); None for AGW)
+                                  ortho: DEEN's orthogonal term (scalar tensor); None for AGW
+                                  and for DEEN with fewer than two generated embeddings)
         eval mode  -> (pool, feat), each L2-normalised, [k*N, D] (fp32)
 
-    k = model.num_branches (DEEN 3, AGW 1), D = model.embed_dim (ResNet-50: 2048, DEEN on RegDB
-    1024; ResNet-18/34: 512 and 256). model.arch names the trunk, model.widths its stage widths.
-    DEEN's rows are [orig; gen1; gen2], each [visible; infrared] (DEE triples the batch, also at
-    test time); AGW's rows are [visible; infrared].
+    k = model.num_branches (released DEEN 3, AGW 1; DEEN's switches set it), D = model.embed_dim
+    (ResNet-50: 2048, DEEN on RegDB 1024; ResNet-18/34: 512 and 256). model.arch names the trunk,
+    model.widths its stage widths. DEEN's rows are [orig; gen1; ...], each [visible; infrared]
+    (DEE multiplies the batch by k, also at test time); AGW's rows are [visible; infrared].
 
     State dict keys shared by both: visible_stem.{conv1,bn1}.*, infrared_stem.{conv1,bn1}.*,
     trunk.layer{1,2,3,4}.<torchvision ResNet names> (DEEN on RegDB: no layer4), bottleneck.*
@@ -311,44 +385,71 @@ class TwoStreamNet(nn.Module):
         """pool [M, D] (fp32) -> TrainOutput in train mode, (pool, feat) L2-normalised in eval."""
         feat = self.bottleneck(pool)
         if self.training:
-            ortho = orthogonal_loss(pool, self.num_branches) if self.num_branches > 1 else None
+            ortho = orthogonal_loss(pool, self.num_branches) if self.num_branches > 2 else None
             return TrainOutput(pool, self.classifier(feat), ortho)
         return F.normalize(pool, dim=1), F.normalize(feat.float(), dim=1)
 
 
 class DEEN(TwoStreamNet):
-    """Diverse Embedding Expansion Network (CVPR 2023), forward API as in TwoStreamNet: 3 embeddings
-    per image, rows [orig; gen1; gen2] each [visible; infrared], embed_dim 2048. RegDB variant:
-    no MFA3 and no layer4, DEE on 512 channels before layer3, embed_dim 1024.
+    """Diverse Embedding Expansion Network (CVPR 2023), forward API as in TwoStreamNet. Released
+    variant: 3 embeddings per image, rows [orig; gen1; gen2] each [visible; infrared], embed_dim
+    2048; on RegDB no MFA3 and no layer4, DEE on 512 channels before layer3, embed_dim 1024.
+    `switches` (NetworkSwitches, None: the released ones) move or remove DEE, change its number
+    of generated embeddings and the attention block; the released parts are created in the same
+    order whatever the switches, so the released variant's seeded weights do not change.
 
     State dict keys besides the shared ones:
         mfa{1,2,3}.{cnl,pnl}.{g,theta,phi}.{weight,bias}, mfa*.{cnl,pnl}.W.0.{weight,bias} (conv),
         mfa*.{cnl,pnl}.W.1.* (BatchNorm2d)                        (RegDB: no mfa3)
+        non_local{1,2,3}.{g,theta,phi,W.0}.{weight,bias}, .W.1.*  (instead, with attention nonlocal)
         dee.branches.{0,1}.dilated.{0,1,2}.weight (dilation 1, 2, 3), dee.branches.{0,1}.expand.*
     """
 
-    num_branches = 3
-
-    def __init__(self, num_classes, regdb=False, arch='resnet50'):
+    def __init__(self, num_classes, regdb=False, arch='resnet50', switches=None):
+        switches = switches or NetworkSwitches.released(regdb)
+        switches.check(regdb)
         super().__init__(num_classes, arch, with_layer4=not regdb)
-        self.regdb = regdb
-        stem = self.visible_stem.conv1.out_channels
-        width1, width2, width3, _ = self.widths
-        self.mfa1 = MFABlock(width1, stem, downsample=False)
-        self.mfa2 = MFABlock(width2, width1, downsample=True)
-        self.mfa3 = None if regdb else MFABlock(width3, width2, downsample=True)
-        self.dee = DEEModule(width2 if regdb else width3)
+        self.regdb, self.switches = regdb, switches
+        self.num_branches = switches.num_branches
+        channels = (self.visible_stem.conv1.out_channels, *self.widths)  # after stage k: channels[k]
+        self.attention_after = {}  # stage -> attribute name of its attention block
+        for stage in (1, 2) if regdb else (1, 2, 3):
+            name, block = self._attention_block(stage, channels[stage], channels[stage - 1])
+            if block is not None:
+                setattr(self, name, block)
+                self.attention_after[stage] = name
+        if regdb:
+            self.mfa3 = None  # no block after stage 3 on RegDB (the attribute exists, as released)
+        self.dee = (None if switches.dee_stage is None else
+                    DEEModule(channels[switches.dee_stage], switches.dee_embeddings))
+
+    def _attention_block(self, stage, channels, low_channels):
+        """(attribute name, block) of the attention after `stage`, or (None, None)."""
+        if self.switches.attention == 'mfa':
+            return f'mfa{stage}', MFABlock(channels, low_channels, downsample=stage > 1)
+        if self.switches.attention == 'nonlocal':
+            inter = max(1, channels // self.switches.nonlocal_reduction)
+            return f'non_local{stage}', NonLocal(channels, inter_dim=inter)
+        return None, None
 
     def forward(self, visible=None, infrared=None):
-        x = self.stems(visible, infrared)              # [N, 64, H/4, W/4]
-        x = self.mfa1(self.trunk.layer1(x), x)         # [N, 256, H/4, W/4]
-        x = self.mfa2(self.trunk.layer2(x), x)         # [N, 512, H/8, W/8]
-        if self.regdb:
-            x = self.trunk.layer3(self.dee(x))         # [3N, 1024, H/16, W/16]
-        else:
-            x = self.mfa3(self.trunk.layer3(x), x)     # [N, 1024, H/16, W/16]
-            x = self.trunk.layer4(self.dee(x))         # [3N, 2048, H/16, W/16]
-        return self.head(average_pool(x))              # [3N, D]
+        x = self.expand(0, self.stems(visible, infrared))  # [N, 64, H/4, W/4]
+        stages = (self.trunk.layer1, self.trunk.layer2, self.trunk.layer3, self.trunk.layer4)
+        for stage, layer in enumerate(stages[:3] if self.regdb else stages, 1):
+            x = self.expand(stage, self.attend(stage, layer(x), x))
+        return self.head(average_pool(x))                  # [kN, D]; released [3N, D]
+
+    def attend(self, stage, x_high, x_low):
+        """The attention block after `stage` (if any) on its output x_high; MFA also reads its
+        input x_low."""
+        if stage not in self.attention_after:
+            return x_high
+        block = getattr(self, self.attention_after[stage])
+        return block(x_high, x_low) if isinstance(block, MFABlock) else block(x_high)
+
+    def expand(self, stage, x):
+        """DEE when it sits after `stage`: [N, ...] -> [kN, ...]; else x unchanged."""
+        return self.dee(x) if self.switches.dee_stage == stage else x
 
 
 class AGW(TwoStreamNet):
@@ -380,12 +481,13 @@ def with_non_local(layer, blocks, x):
     return x
 
 
-def build_model(method, num_classes, dataset, pretrained=None, arch='resnet50'):
+def build_model(method, num_classes, dataset, pretrained=None, arch='resnet50', switches=None):
     """DEEN ('deen'; dataset 'regdb' selects its RegDB variant) or AGW ('agw') on the trunk `arch`.
     pretrained: 'imagenet' (torchvision's IMAGENET1K_V1 weights of `arch` into both stems and the
-    trunk), a path to a torchvision state dict of `arch`, or None / 'none'."""
+    trunk), a path to a torchvision state dict of `arch`, or None / 'none'. switches: DEEN's
+    NetworkSwitches (None: the released ones)."""
     if method == 'deen':
-        model = DEEN(num_classes, regdb=dataset == 'regdb', arch=arch)
+        model = DEEN(num_classes, regdb=dataset == 'regdb', arch=arch, switches=switches)
     elif method == 'agw':
         model = AGW(num_classes, arch=arch)
     else:
@@ -495,10 +597,10 @@ _OURS_TO_RELEASED = [
 
 def _rename(key, rules):
     """The key renamed by the first matching rule; None when that rule drops it; unchanged if none match."""
-    for pattern, replace in rules:
+    for pattern, rename in rules:
         match = re.match(pattern, key)
         if match:
-            return None if replace is None else replace(match) + key[match.end():]
+            return None if rename is None else rename(match) + key[match.end():]
     return key
 
 

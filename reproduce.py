@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+import figures
 import training
 from data_manager import DATASETS, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
 from inference import FUSIONS
-from paper_results import compare, comparison_markdown, write_comparison
-from utils import UserError, load_checkpoint, manual_parser, run_main, setup_runtime
+from paper_results import (ABLATION_SETTINGS, ABLATION_TABLE_DATASETS, ABLATION_TABLES,
+                           SWEEP_CHOICES, ablation_markdown, ablation_numbers, ablation_published,
+                           compare, comparison_markdown, write_comparison)
+from utils import UserError, flag, load_checkpoint, manual_parser, run_main, setup_runtime
 
 TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
 # train.py flags that reproduce.py sets for each part, and what to use instead
@@ -35,8 +38,17 @@ def build_parser():
                '--test-batch, --amp, --channels-last, --compile, --deterministic) also go to '
                'each test. Under torchrun the trainings and tests run distributed.')
     table = parser.add_argument_group('the table')
-    table.add_argument('--dataset', required=True, choices=(*DATASETS, 'all'),
-                       help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM')
+    table.add_argument('--dataset', choices=(*DATASETS, 'all'),
+                       help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
+                       'or --sweep: narrows the datasets they run on)')
+    table.add_argument('--table', default='main', choices=('main', *ABLATION_TABLES),
+                       help='main: the results table of --dataset; components, dee-stage, '
+                       'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
+                       'SYSU-MM01 (--dataset narrows)')
+    table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
+                       help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
+                       '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
+                       'of Rank-1 and mAP against the value and its JSON')
     table.add_argument('--method', default='deen', choices=tuple(training.METHOD_DEFAULTS),
                        help='the method whose rows are reproduced')
     table.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
@@ -62,14 +74,15 @@ EXTRA_PARSERS = (training.build_parser,)
 
 def parse_args(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
+    check_ablation_args(args, train_flags)
     check_args(args, train_flags)
     args.train_flags = train_flags
     return args
 
 
 def check_args(args, train_flags):
-    for flag in train_flags:
-        name = flag.split('=', 1)[0]
+    for given in train_flags:
+        name = given.split('=', 1)[0]
         if name in CONTROLLED:
             raise UserError(f'reproduce.py sets {name} for each part itself; use '
                             f'{CONTROLLED[name]} instead.')
@@ -82,6 +95,8 @@ def check_args(args, train_flags):
         if len(set(args.trials)) != len(args.trials) or not set(args.trials) <= set(splits):
             raise UserError(f'--trials must be distinct RegDB splits {splits.start}..'
                             f'{splits.stop - 1}, got {" ".join(map(str, args.trials))}.')
+    if args.table == 'main' and not args.sweep and args.dataset is None:
+        raise UserError('reproduce.py needs --dataset (or --table / --sweep).')
     if args.dataset == 'all' and any(f.split('=', 1)[0] in ('--data-path', '--cache-dir')
                                      for f in train_flags):
         raise UserError('--dataset all uses each dataset\'s default folder (data/SYSU-MM01, '
@@ -101,6 +116,7 @@ class Part:
     folder: str                # holds save_model/, log/ and results/ of the seed
     train_flags: list
     train_args: argparse.Namespace = None  # train.py's resolved arguments (a bad flag stops here)
+    row: str = ''              # the row of an ablation table or sweep ('' for the main table)
 
     def __post_init__(self):
         self.train_args = training.parse_args(self.train_argv())
@@ -108,7 +124,8 @@ class Part:
     @property
     def label(self):
         split = f' split {self.trial}' if self.dataset == 'regdb' else ''
-        return f'{self.dataset} {self.method} seed {self.seed}{split}'
+        row = f' [{self.row}]' if self.row else ''
+        return f'{self.dataset} {self.method}{row} seed {self.seed}{split}'
 
     def train_argv(self, resume=False):
         return [*self.train_flags, '--dataset', self.dataset, '--method', self.method,
@@ -148,6 +165,8 @@ class Part:
 
 def make_plan(args):
     """Every part of the requested table(s), in the order they run."""
+    if args.table != 'main' or args.sweep:
+        return ablation_plan(args)
     datasets = TABLE_DATASETS if args.dataset == 'all' else (args.dataset,)
     plan = []
     for dataset in datasets:
@@ -296,11 +315,136 @@ def main(argv=None):
                 return code
             statuses = shared_statuses(plan, ctx)
         if ctx.is_main:
-            report(args, plan, statuses)
+            (report if args.table == 'main' and not args.sweep else ablation_report)(
+                args, plan, statuses)
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation tables and parameter sweeps (--table, --sweep)
+
+def check_ablation_args(args, train_flags):
+    """--table / --sweep: one of them, DEEN, datasets the paper's tables use (or the demo), no
+    train.py flag that a row sets itself, and a sweep over a numeric train.py flag."""
+    if args.table == 'main' and not args.sweep:
+        return
+    if args.table != 'main' and args.sweep:
+        raise UserError('--table and --sweep run different plans; pass one of them.')
+    if args.method != 'deen':
+        raise UserError(f'--table and --sweep switch DEEN\'s parts; use --method deen, not '
+                        f'{args.method}.')
+    if args.dataset not in (None, 'all', *ABLATION_SETTINGS):
+        raise UserError(f'the ablations were run on LLCM and SYSU-MM01; use --dataset '
+                        f'{", ".join(ABLATION_SETTINGS)} or all, not {args.dataset}.')
+    if args.sweep:
+        args.sweep_dest = sweep_dest(args.sweep)
+        if len(args.sweep) < 2:
+            raise UserError('--sweep needs a train.py flag and at least one value, e.g. --sweep '
+                            'lambda_1 0.2 0.4 0.6 0.8 1.0.')
+    set_by_rows = {name for flags in ablation_rows(args).values() for name in flags[::2]}
+    given = sorted({f.split('=', 1)[0] for f in train_flags} & set_by_rows)
+    if given:
+        raise UserError(f'the rows of this {"sweep" if args.sweep else "table"} set '
+                        f'{", ".join(given)} themselves; leave {"it" if len(given) == 1 else "them"} '
+                        f'out.')
+
+
+def sweep_dest(sweep):
+    """The argparse dest of --sweep's FLAG ('lambda_1', '--lambda_1', '--cpm-margin', ...), which
+    must name a numeric train.py flag; its values must be numbers."""
+    dest = sweep[0].lstrip('-').replace('-', '_')
+    if flag(dest) in CONTROLLED:
+        raise UserError(f'--sweep {sweep[0]}: reproduce.py sets {flag(dest)} itself; use '
+                        f'{CONTROLLED[flag(dest)]} instead.')
+    default = vars(training.parse_args([])).get(dest, 'missing')
+    if isinstance(default, bool) or not isinstance(default, (int, float, type(None))):
+        raise UserError(f'--sweep {sweep[0]}: expected a numeric train.py flag, e.g. lambda_1, '
+                        f'lambda_2, cpm-margin or margin.')
+    for value in sweep[1:]:
+        try:
+            float(value)
+        except ValueError:
+            raise UserError(f'--sweep {sweep[0]}: {value!r} is not a number.') from None
+    return dest
+
+
+def ablation_rows(args):
+    """{row label: the train.py flags that make it} of --table or --sweep."""
+    if args.sweep:
+        return {f'{flag(args.sweep_dest)} {value}': (flag(args.sweep_dest), value)
+                for value in args.sweep[1:]}
+    return {label: flags for label, flags, _ in ABLATION_TABLES[args.table]['rows']}
+
+
+def ablation_name(args):
+    return f'sweep_{args.sweep_dest}' if args.sweep else args.table
+
+
+def ablation_datasets(args):
+    if args.dataset not in (None, 'all'):
+        return (args.dataset,)
+    return ('llcm',) if args.sweep else ABLATION_TABLE_DATASETS
+
+
+def ablation_plan(args):
+    """Every row of --table (or value of --sweep) on each dataset, for each seed."""
+    plan = []
+    for dataset in ablation_datasets(args):
+        for number, (label, flags) in enumerate(ablation_rows(args).items(), 1):
+            for seed in args.seeds:
+                folder = os.path.join(args.out, ablation_name(args), dataset, f'row{number}',
+                                      f'seed{seed}')
+                plan.append(Part(dataset, args.method, seed, 1, folder,
+                                 [*args.train_flags, *flags], row=label))
+    return plan
+
+
+def ablation_report(args, plan, statuses):
+    """Print each dataset's table (ours beside the published numbers and the difference) and
+    write it as Markdown and JSON into --out/<table>; a sweep also draws its figure."""
+    folder = os.path.join(args.out, ablation_name(args))
+    os.makedirs(folder, exist_ok=True)
+    name = args.sweep_dest if args.sweep else args.table
+    for dataset in ablation_datasets(args):
+        setting = ABLATION_SETTINGS[dataset]
+        rows = []
+        for label in ablation_rows(args):
+            parts = [(part, status) for part, status in zip(plan, statuses)
+                     if part.dataset == dataset and part.row == label]
+            done = [(part.seed, read_results(part.results)) for part, status in parts if status.done]
+            rows.append({'label': label, 'seeds': [seed for seed, _ in done],
+                         'ours': ablation_numbers(done, setting, args.fusion) if done else None,
+                         'published': (None if args.sweep else
+                                       ablation_published(args.table, label, dataset))})
+        markdown = ablation_markdown(name, dataset, rows, args.seeds)
+        stem = os.path.join(folder, f'{dataset}_comparison')
+        with open(stem + '.md', 'w') as handle:
+            handle.write(markdown)
+        with open(stem + '.json', 'w') as handle:
+            json.dump({'table': name, 'dataset': dataset, 'setting': setting, 'fusion': args.fusion,
+                       'units': '%', 'rows': rows}, handle, indent=2)
+        print('\n' + markdown + f'written to {stem}.md and {stem}.json')
+        if args.sweep:
+            print(f'figure: {draw_sweep(args, dataset, rows, folder)}')
+
+
+def draw_sweep(args, dataset, rows, folder):
+    """The parameter-study figure of a sweep on one dataset and its numbers as JSON beside it."""
+    done = [(float(value), row['ours']) for value, row in zip(args.sweep[1:], rows) if row['ours']]
+    numbers = {'flag': flag(args.sweep_dest), 'dataset': dataset,
+               'setting': ABLATION_SETTINGS[dataset], 'fusion': args.fusion,
+               'values': [value for value, _ in done],
+               'Rank-1': [ours['Rank-1'] for _, ours in done],
+               'mAP': [ours['mAP'] for _, ours in done],
+               'paper_choice': SWEEP_CHOICES.get(args.sweep_dest)}
+    stem = os.path.join(folder, f'{dataset}_sweep')
+    with open(stem + '.json', 'w') as handle:
+        json.dump(numbers, handle, indent=2)
+    width, height = figures.draw_sweep(numbers, stem + '.png')
+    return f'{stem}.png ({width}x{height}) and {os.path.basename(stem)}.json'
 
 
 if __name__ == '__main__':

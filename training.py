@@ -1,11 +1,13 @@
 """Training runs as a library: train.py's flags and recipes, the Trainer (data, model, optimiser,
 loop, checkpoints, history) and main(argv), which train.py and reproduce.py call."""
+import argparse
 import json
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -14,13 +16,14 @@ from tqdm import tqdm
 
 from checks import (check_cache_build, check_data_folder, check_device_flags, check_free_space,
                     check_image_size, check_images_exist, check_integer, check_output_folder,
-                    check_real, check_resume_state, check_runtime_flags, check_shared_folders,
-                    check_torch_file, checkpoint_estimate, checkpoint_space, folder_writer,
-                    peek_checkpoint)
+                    check_real, check_resume_network, check_resume_state, check_runtime_flags,
+                    check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
+                    folder_writer, peek_checkpoint)
 from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
-from model import BACKBONES, build_model, load_model_weights, uses_pretrained
+from model import (ATTENTIONS, BACKBONES, DEE_STAGES, SWITCHES, NetworkSwitches, build_model,
+                   load_model_weights, uses_pretrained)
 from evaluation import selection_rank1, selection_split
 from inference import CHECKPOINT_FORMAT, inference_model
 from provenance import run_provenance
@@ -97,10 +100,20 @@ def build_parser():
                        'paper)')
     model.add_argument('--pretrained', help='imagenet (default), none, or a local torchvision '
                        'state-dict file of the --arch trunk')
-    model.add_argument('--lambda_1', type=float, default=0.8, help='weight of the CPM loss')
-    model.add_argument('--lambda_2', type=float, default=0.01,
-                       help='weight of the orthogonal loss, as the released code; the paper states 0.1')
+    model.add_argument('--lambda_1', type=float, help='weight of the CPM loss (default: 0.8)')
+    model.add_argument('--lambda_2', type=float, help='weight of the orthogonal loss (default: '
+                       '0.01, as the released code; the paper states 0.1)')
     model.add_argument('--margin', type=float, default=0.3, help='triplet margin')
+    model.add_argument('--cpm-margin', type=float, default=0.2, help='CPM margin alpha')
+    model.add_argument('--dee-stage', type=dee_stage_value, help='where DEE sits: 0 (after the '
+                       'modality stem), 1..4 (after ResNet stage k), or none (one embedding per '
+                       'image, no L_cpm / L_ort) (default: 3, RegDB 2, as released)')
+    model.add_argument('--dee-embeddings', type=int, help='embeddings DEE generates (default: 2)')
+    model.add_argument('--attention', choices=ATTENTIONS, help='block after ResNet stages 1-3 '
+                       '(RegDB 1-2): mfa, nonlocal (a standard non-local block) or none '
+                       '(default: mfa)')
+    model.add_argument('--nonlocal-reduction', type=int, help='--attention nonlocal: its blocks '
+                       'have C / this inter-channels (default: 2, the standard non-local block)')
     model.add_argument('--sync-bn', action='store_true',
                        help='SyncBatchNorm across processes (CUDA GPUs only)')
 
@@ -149,6 +162,7 @@ def resolve_defaults(args):
     args.cache_dir = args.cache_dir or args.data_path
     fill_runtime_defaults(args)
     check_training_flags(args)
+    resolve_network(args)
     return args
 
 
@@ -163,9 +177,78 @@ def check_training_flags(args):
     for step in args.lr_steps:
         check_integer(step, 'lr_steps', 0)
     check_real(args.lr, 'lr', positive=True)
-    for dest in ('lambda_1', 'lambda_2', 'margin'):
-        check_real(getattr(args, dest), dest)
+    for dest in ('lambda_1', 'lambda_2', 'margin', 'cpm_margin'):
+        if getattr(args, dest) is not None:  # the lambdas are filled by resolve_network
+            check_real(getattr(args, dest), dest)
     check_runtime_flags(args)
+
+
+# loss weight -> (its default, the generated embeddings its term needs)
+LOSS_WEIGHTS = {'lambda_1': (0.8, 1), 'lambda_2': (0.01, 2)}
+
+
+def dee_stage_value(text):
+    """--dee-stage's value: 0..4 or 'none'."""
+    if text.lower() == 'none':
+        return 'none'
+    if text.isdigit() and int(text) in DEE_STAGES:
+        return int(text)
+    raise argparse.ArgumentTypeError(f'expected 0..4 or none, got {text!r}')
+
+
+def resolve_network(args):
+    """Fill DEEN's switches (unset: the released network of the dataset) and the loss weights:
+    a term whose embeddings the network lacks (L_cpm without DEE, L_ort with fewer than two
+    generated) is off, and an explicit non-zero weight for it is refused. AGW takes none of the
+    switches."""
+    if args.method != 'deen':
+        given = [flag(dest) for dest in SWITCHES if getattr(args, dest) is not None]
+        if given:
+            raise UserError(f'{", ".join(given)} switch(es) DEEN\'s parts; use them with '
+                            f'{flag("method")} deen, not {args.method}.')
+        for dest, (default, _) in LOSS_WEIGHTS.items():
+            setattr(args, dest, default if getattr(args, dest) is None else getattr(args, dest))
+        return
+    if args.dee_stage == 'none' and args.dee_embeddings is not None:
+        raise UserError(f'{flag("dee_embeddings")} sets how many embeddings DEE generates, but '
+                        f'{flag("dee_stage")} none turns DEE off; pass one of them.')
+    released = asdict(NetworkSwitches.released(args.dataset == 'regdb'))
+    for dest in SWITCHES:
+        if getattr(args, dest) is None:
+            setattr(args, dest, released[dest])
+    switches = network_switches(args)
+    switches.check(args.dataset == 'regdb')
+    generated = switches.num_branches - 1
+    for dest, (default, needed) in LOSS_WEIGHTS.items():
+        value = getattr(args, dest)
+        if generated >= needed:
+            setattr(args, dest, default if value is None else value)
+        elif value:
+            raise UserError(f'{flag(dest)} {value} weighs a loss term this network cannot have: it '
+                            f'needs {needed} generated embedding(s), and {switches.describe()} '
+                            f'gives {generated}; pass {flag(dest)} 0 or change '
+                            f'{flag("dee_stage")} / {flag("dee_embeddings")}.')
+        else:
+            setattr(args, dest, 0.0)
+
+
+def network_switches(args):
+    """DEEN's NetworkSwitches of resolved arguments (None for AGW)."""
+    return NetworkSwitches.from_args(args) if args.method == 'deen' else None
+
+
+def describe_network(args):
+    """One log line: the network's parts and the loss terms that are off."""
+    switches = network_switches(args)
+    if switches is None:
+        return f'{args.method.upper()} network'
+    off = [name for name, dest in (('L_cpm', 'lambda_1'), ('L_ort', 'lambda_2'))
+           if LOSS_WEIGHTS[dest][1] > switches.num_branches - 1]
+    line = f'DEEN network: {switches.describe()}, {switches.num_branches} embedding(s) per image'
+    if off:
+        line += (f'; {" and ".join(off)} off ({switches.num_branches - 1} generated '
+                 f'embedding(s): L_cpm needs one, L_ort two)')
+    return line
 
 
 def learning_rate(base_lr, epoch, warmup, steps):
@@ -235,7 +318,8 @@ class Trainer:
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
         model = build_model(args.method, num_classes, args.dataset, pretrained=args.pretrained,
-                            arch=args.arch)
+                            arch=args.arch, switches=network_switches(args))
+        self.log.info(f'{self.name}: {describe_network(args)}')
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -244,7 +328,7 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
         self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
-                                         lambda_2=args.lambda_2)
+                                         lambda_2=args.lambda_2, cpm_margin=args.cpm_margin)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -322,6 +406,7 @@ class Trainer:
                           f'start fresh at epoch {self.start_epoch}')
             return
         check_resume_state(state, path, self.args, self.num_classes)
+        check_resume_network(state, path, self.args)
         load_model_weights(self.model, state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
@@ -404,6 +489,7 @@ class Trainer:
             'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
             'epoch_progress': progress, 'evaluation_pending': pending,
             'metrics': metrics or {}, 'args': plain_args(self.args),
+            'network': recorded_switches(self.args),
             'provenance': self.provenance,
         }
 
@@ -571,6 +657,13 @@ class Trainer:
             self.writer.flush()
 
 
+def recorded_switches(args):
+    """What a checkpoint records of the network's switches (NetworkSwitches as a dict; None for
+    AGW): load_trained_model rebuilds the network from it."""
+    switches = network_switches(args)
+    return None if switches is None else asdict(switches)
+
+
 def plain_args(args):
     """The arguments as JSON-able, weights-only-loadable values."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -697,12 +790,15 @@ def check_run(args, ctx):
         num_classes = identity_count(lists)
         if args.eval_every:
             check_evaluation_data(layout, args.data_path, trial, args.mode)
-        network = network or check_image_size(args, args.method, num_classes, args.dataset)
+        network = network or check_image_size(args, args.method, num_classes, args.dataset,
+                                              switches=network_switches(args))
         best, last = checkpoint_paths(args, trial)
         path = resume_path(args, last, ctx) if args.resume else None
         if path:  # "auto" continues a finished run as it is: a restart after its end trains nothing
-            check_resume_state(peek_checkpoint(path, 'resume'), path, args, num_classes,
+            state = peek_checkpoint(path, 'resume')
+            check_resume_state(state, path, args, num_classes,
                                None if args.resume == 'auto' else args.epochs)
+            check_resume_network(state, path, args)
         builds |= check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
         files += [best, last]
     needed = checkpoint_space(files, checkpoint_estimate(network, args.optim))

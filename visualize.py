@@ -234,7 +234,8 @@ def plot_tsne(args, test_set, ids):
     numbers = figures.tsne_numbers(test_set.own_store, ids, args.tsne_points, args.seed)
     written = write(args.out, 'tsne', numbers, figures.draw_tsne)
     drawn = ', '.join(f'{name} {panel["points"]} points' for name, panel in numbers['panels'].items())
-    note = '' if numbers['branches'] > 1 else '; one branch (AGW): no generated-embedding panel'
+    note = ('' if numbers['branches'] > 1 else
+            '; one branch (AGW, or DEEN without DEE): no generated-embedding panel')
     return written + f': {len(ids)} ids with {numbers["images"]} images; drawn: {drawn}{note}'
 
 

@@ -21,15 +21,22 @@ def seconds(work):
     return time.perf_counter() - start
 
 
-def main():
+def build_parser():
+    """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--data-path',
                         help='an existing LLCM-layout folder (default: generate one)')
-    parser.add_argument('--train-ids', type=int, default=680)
-    parser.add_argument('--images-per-camera', type=int, default=9)
+    parser.add_argument('--train-ids', type=int, default=680,
+                        help='training identities of the synthetic folder')
+    parser.add_argument('--images-per-camera', type=int, default=9,
+                        help='images per identity and camera')
     parser.add_argument('--width', type=int, default=64, help='generated image width')
     parser.add_argument('--height', type=int, default=128, help='generated image height')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         data_path = args.data_path
         if data_path is None:
