@@ -19,7 +19,15 @@ FEATURES_FORMAT = 'deen-vireid-features'
 
 # Weights of (pooled, BNNeck) embeddings in the similarity (METHOD.md "Test-time features").
 FUSIONS = {'pool+feat': (1.0, 1.0), '0.1pool+0.9feat': (0.1, 0.9)}
-METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144)}
+# CAJ reports its pooled and its BNNeck features alone as well.
+SINGLE_FEATURES = {'pool': (1.0, 0.0), 'feat': (0.0, 1.0)}
+METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144), 'caj': (288, 144)}
+
+
+def method_fusions(method):
+    """{name: (w_pool, w_feat)} of the fusions test.py reports for a method's checkpoints:
+    FUSIONS, and for CAJ also SINGLE_FEATURES."""
+    return {**FUSIONS, **SINGLE_FEATURES} if method == 'caj' else dict(FUSIONS)
 
 
 # ----------------------------------------------------------------------------------------------
