@@ -35,7 +35,10 @@ def parse_args(argv=None):
                'each test. Under torchrun the trainings and tests run distributed.')
     parser.add_argument('--dataset', required=True, choices=(*DATASETS, 'all'),
                         help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM')
-    parser.add_argument('--method', default='deen', choices=tuple(training.METHOD_DEFAULTS))
+    parser.add_argument('--method', default='deen', choices=tuple(training.RECIPES),
+                        help='the row to reproduce: a method\'s released recipe (deen, agw, '
+                        'caj), or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; '
+                        'agw is its AGW*)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0],
                         help='training seeds; with several, ours is the mean over all of them')
     parser.add_argument('--trials', type=int, nargs='+',
@@ -80,7 +83,8 @@ def check_args(args, train_flags):
 
 @dataclass
 class Part:
-    """One training (dataset, method, seed, RegDB split) and the test of its best checkpoint."""
+    """One training (dataset, method, seed, RegDB split) and the test of its best checkpoint;
+    method is a training.RECIPES name."""
     dataset: str
     method: str
     seed: int
@@ -98,7 +102,8 @@ class Part:
         return f'{self.dataset} {self.method} seed {self.seed}{split}'
 
     def train_argv(self, resume=False):
-        return [*self.train_flags, '--dataset', self.dataset, '--method', self.method,
+        method, recipe_flags = training.RECIPES[self.method]
+        return [*recipe_flags, *self.train_flags, '--dataset', self.dataset, '--method', method,
                 '--seed', str(self.seed), '--trial', str(self.trial),
                 '--model_path', os.path.join(self.folder, 'save_model'),
                 '--log_path', os.path.join(self.folder, 'log'),
