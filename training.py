@@ -62,7 +62,7 @@ DATASET_OVERRIDES = {
                           img_h=64, img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0,
                           erasing=None, pad=2, eval_every=3, pretrained='none', workers=0,
                           test_batch=128)
-             for method in ('deen', 'agw', 'caj')},
+             for method in METHOD_DEFAULTS},
 }
 
 
