@@ -13,8 +13,8 @@ from checks import (check_data_folder, check_device_flags, check_images_exist, c
 from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_STEM_DIRECTIONS,
                           dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
-from inference import (FUSIONS, checkpoint_dataset, method_fusions, extract_features, fused_distance,
-                       inference_model, load_trained_model)
+from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_distance,
+                       inference_model, load_trained_model, method_fusions)
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,

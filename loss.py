@@ -122,8 +122,10 @@ def adp_distances(embeddings, labels, alpha=1.0):
     positive = same_identity(labels).to(dist.dtype)
     negative = 1 - positive
     dist_positive, dist_negative = dist * positive, dist * negative
-    furthest_positive = (dist_positive * softmax_weights(_scaled(dist_positive, alpha), positive)).sum(1)
-    closest_negative = (dist_negative * softmax_weights(_scaled(-dist_negative, alpha), negative)).sum(1)
+    positive_weights = softmax_weights(_scaled(dist_positive, alpha), positive)
+    negative_weights = softmax_weights(_scaled(-dist_negative, alpha), negative)
+    furthest_positive = (dist_positive * positive_weights).sum(1)
+    closest_negative = (dist_negative * negative_weights).sum(1)
     return furthest_positive, closest_negative
 
 
@@ -207,8 +209,8 @@ class DEENCriterion(nn.Module):
         one) and the last (infrared) of every branch; the extra views enter the identity and
         triplet terms only."""
         per_view = len(labels) // self.views
-        keep = torch.cat([torch.arange(per_view), torch.arange(len(labels) - per_view, len(labels))])
-        keep = keep.to(labels.device)
+        rows = torch.arange(len(labels), device=labels.device)
+        keep = torch.cat([rows[:per_view], rows[-per_view:]])
         original, *generated = (branch[keep] for branch in pool.chunk(branches))
         pair_labels = labels[keep].repeat(2)
         return sum(center_pair_mining_loss(torch.cat([original, branch]), pair_labels, self.cpm_margin)

@@ -1,5 +1,5 @@
-"""The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table with their sources, and the comparison of
-our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
+"""The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table
+with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 
 import numpy as np

@@ -562,9 +562,10 @@ class Trainer:
             return
         stalled = take()
         if steps and stalled >= steps:
-            self.log.warning(f'epoch {epoch}: the triplet term had zero gradient at all {steps} '
-                             f'step(s) (its squared hinge clamped at 88 for every anchor), so it '
-                             f'did not train; {flag("adp_square")} 0 uses the soft margin instead.')
+            self.log.warning(f'{self.name} epoch {epoch}: the triplet term had zero gradient at '
+                             f'all {steps} step(s) (its squared hinge clamped at 88 for every '
+                             f'anchor), so it did not train; {flag("adp_square")} 0 uses the soft '
+                             f'margin instead.')
 
     def _reduce(self, values):
         """Mean over processes of the step's scalars (the stop flag is summed)."""

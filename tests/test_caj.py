@@ -118,7 +118,8 @@ def adp_loop(x, labels, alpha=1.0, gamma=1.0, square=False):
     """CAJ's TripletLoss_ADP transcribed anchor by anchor."""
     losses = []
     for i in range(len(x)):
-        row = torch.stack([(x[i] - x[j]).pow(2).sum().clamp(min=1e-12).sqrt() for j in range(len(x))])
+        row = torch.stack([(x[i] - x[j]).pow(2).sum().clamp(min=1e-12).sqrt()
+                           for j in range(len(x))])
         positive, negative = row[labels == labels[i]], row[labels != labels[i]]
         positive_weights = torch.exp(alpha * positive - (alpha * positive).max())
         positive_weights = positive_weights / (positive_weights.sum() + 1e-6)
@@ -170,7 +171,8 @@ def test_adp_default_is_agws_weighted_regularized_triplet_bit_for_bit():
     labels = torch.randint(0, 4, (16,))
     x = torch.randn(16, 8)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    wrt, adp = weighted_regularized_triplet_loss(a, labels), adp_triplet_loss(b, labels, 1.0, 1.0, False)
+    wrt = weighted_regularized_triplet_loss(a, labels)
+    adp = adp_triplet_loss(b, labels, 1.0, 1.0, False)
     wrt.backward()
     adp.backward()
     assert torch.equal(wrt, adp) and torch.equal(a.grad, b.grad)
@@ -186,7 +188,7 @@ def test_method_criteria_use_their_adp_settings():
 
 
 def test_adp_flags_with_deen_are_refused_naming_the_flag():
-    with pytest.raises(UserError, match='--adp-square sets the ADP triplet of --method agw and caj'):
+    with pytest.raises(UserError, match='--adp-square sets the ADP triplet of --method agw and '):
         training.parse_args(['--method', 'deen', '--adp-square', '1'])
 
 
@@ -201,7 +203,8 @@ def test_deen_with_three_views_mines_pairs_on_the_visible_and_infrared_views():
     _, parts = criterion(out, labels)
     rows = torch.cat([torch.arange(per_view), torch.arange(2 * per_view, 3 * per_view)])
     original, *generated = (branch[rows] for branch in pool.chunk(branches))
-    expected = sum(center_pair_mining_loss(torch.cat([original, g]), ids.repeat(4)) for g in generated)
+    expected = sum(center_pair_mining_loss(torch.cat([original, g]), ids.repeat(4))
+                   for g in generated)
     torch.testing.assert_close(parts['cpm'], 0.8 * expected)
 
 
@@ -243,7 +246,8 @@ BATCHES_BEFORE_VIEWS = {
 @pytest.mark.parametrize('method', ['deen', 'agw'])
 def test_deen_and_agw_batches_are_bit_identical_to_before_views(method):
     args = training.parse_args(['--method', method, '--img_h', '32', '--img_w', '16'])
-    assert (args.erasing_kind, args.channel_aug, args.erasing, args.pad) == ('zero', False, (0.02, 0.4), 10)
+    recipe = (args.erasing_kind, args.channel_aug, args.erasing, args.pad)
+    assert recipe == ('zero', False, (0.02, 0.4), 10)
     views = training_views(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad,
                            args.erasing_kind, args.channel_aug)
     assert [(v.name, v.stem) for v in views] == [('visible', 'visible'), ('infrared', 'infrared')]
@@ -293,7 +297,8 @@ def test_a_training_step_with_channel_augmentation_has_three_views(demo_root, tm
     per_view = 2 * 2  # --batch-size 2 x --num_pos 2
     assert visible.shape[0] == 2 * per_view and infrared.shape[0] == per_view
     first, exchanged = visible[:per_view], visible[per_view:]
-    assert torch.equal(exchanged[:, 0], exchanged[:, 1]) and torch.equal(exchanged[:, 1], exchanged[:, 2])
+    assert torch.equal(exchanged[:, 0], exchanged[:, 1])
+    assert torch.equal(exchanged[:, 1], exchanged[:, 2])
     assert not torch.equal(first[:, 0], first[:, 1])  # the plain visible view keeps its colours
     assert torch.equal(labels[:per_view], labels[per_view:2 * per_view])   # CA view: visible labels
     assert torch.equal(labels[:per_view], labels[2 * per_view:])           # paired identities
