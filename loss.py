@@ -135,6 +135,7 @@ def _scaled(value, factor):
     return value if factor == 1 else value * factor
 
 
+@full_precision
 def adp_ranking(furthest_positive, closest_negative, gamma=1.0, square=False):
     """The ADP hinge of CAJ, mean over anchors, on adp_distances' output. square=False: the soft
     margin log(1 + exp(gamma (d_p - d_n))). square=True: s = min(gamma (d_p - d_n)^2, 88) and
