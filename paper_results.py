@@ -35,7 +35,8 @@ SOURCES = {
                   'Recognition", ICCV 2021, released code README (results table), '
                   'https://github.com/mangye16/Cross-Modal-Re-ID-baseline/blob/'
                   '26bc0ce088eb97867ff489dceda386b8092b9fde/ICCV21_CAJ/README.md; SYSU-MM01 '
-                  'all-search; RegDB without a direction named (listed under vis_to_ir)',
+                  'all-search; RegDB: the README names no direction, its testa.py tests visible '
+                  'queries against the thermal gallery by default (vis_to_ir)',
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
