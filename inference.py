@@ -344,10 +344,12 @@ class ReIDModel:
 
 def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None):
     """(order, distances), each [Q, k]: for every query the gallery rows nearest first (ties in
-    gallery order) and their fused distances under a FUSIONS name; k = topk, or all rows."""
-    if fusion not in FUSIONS:
-        raise UserError(f'fusion must be one of {", ".join(FUSIONS)}, got {fusion!r}.')
+    gallery order) and their fused distances under a FUSIONS or SINGLE_FEATURES name; k = topk,
+    or all rows."""
+    known = {**FUSIONS, **SINGLE_FEATURES}
+    if fusion not in known:
+        raise UserError(f'fusion must be one of {", ".join(known)}, got {fusion!r}.')
     distances = fused_distance(query_features, gallery_features.to(query_features.device),
-                               FUSIONS[fusion])
+                               known[fusion])
     distances, order = distances.sort(dim=1, stable=True)
     return order[:, :topk], distances[:, :topk]

@@ -15,6 +15,7 @@ from data_loader import (CHANNEL_ERASING_FILL, ChannelAdaptiveGray, ChannelExcha
                          ChannelRandomErasing, CrossModalTrainSet, training_views)
 from loss import (ADP_CLAMP, DEENCriterion, adp_triplet_loss, build_criterion,
                   center_pair_mining_loss, weighted_regularized_triplet_loss)
+from inference import rank_gallery
 from model import TrainOutput
 from tiny_runs import TINY, seeded_checkpoint
 from utils import IdentitySampler, UserError
@@ -344,3 +345,13 @@ def test_caj_checkpoint_reports_pooled_and_bnneck_numbers(llcm_root, tmp_path):
     for by_fusion in record['results'].values():
         assert set(by_fusion) == {'pool+feat', '0.1pool+0.9feat', 'pool', 'feat'}
     assert set(record['protocol']['fusions']) == {'pool+feat', '0.1pool+0.9feat', 'pool', 'feat'}
+
+
+def test_rank_gallery_ranks_by_pooled_or_bnneck_features_alone():
+    query = torch.zeros(1, 2, 1, 2)
+    query[0, 0, 0] = torch.tensor([1.0, 0.0])   # pooled
+    query[0, 1, 0] = torch.tensor([0.0, 1.0])   # BNNeck
+    gallery = torch.zeros(2, 2, 1, 2)
+    gallery[0, 0, 0], gallery[1, 1, 0] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert rank_gallery(query, gallery, 'pool')[0].tolist() == [[0, 1]]
+    assert rank_gallery(query, gallery, 'feat')[0].tolist() == [[1, 0]]
