@@ -1,11 +1,14 @@
 """Image data for training and testing: the resized uint8 training cache (built once, in
-parallel), the paired cross-modal training set, the test-image set and their transforms."""
+parallel), the training views (transforms, CAJ's channel augmentation), the paired cross-modal
+training set, the test-image set and their transforms."""
 import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -201,6 +204,102 @@ def train_transform(img_h, img_w, erasing_scale=(0.02, 0.4), grayscale=0.5, pad=
     return v2.Compose(steps)
 
 
+# Channel augmentation of CAJ (Ye et al., ICCV 2021), applied to normalised CHW float tensors
+# after the transform above; random draws come from torch's default generator, like every other
+# draw of a training sample (CrossModalTrainSet seeds it per sample).
+
+CHANNEL_ERASING_FILL = (0.4914, 0.4822, 0.4465)  # CAJ's per-channel constants, in normalised units
+LUMINANCE = (0.2989, 0.5870, 0.1140)
+
+
+def _uniform(low, high):
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _integer(high):
+    """Uniform integer in 0..high, both ends included."""
+    return int(torch.randint(high + 1, ()).item())
+
+
+class ChannelRandomErasing:
+    """CAJ's random erasing: with probability p, a box of area uniform(scale) x H x W and aspect
+    ratio h/w uniform in (ratio, 1/ratio) (up to 100 tries for a box inside the image) is filled
+    channel by channel with `fill`, written into the normalised tensor as it is."""
+
+    def __init__(self, p=0.5, scale=(0.02, 0.4), ratio=0.3, fill=CHANNEL_ERASING_FILL):
+        self.p, self.scale, self.ratio, self.fill = p, tuple(scale), ratio, fill
+
+    def box(self, height, width):
+        """(top, left, h, w) of a box drawn as the erasing draws it, or None after 100 misses."""
+        for _ in range(100):
+            area = _uniform(*self.scale) * height * width
+            aspect = _uniform(self.ratio, 1 / self.ratio)
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < height and w < width:
+                return _integer(height - h), _integer(width - w), h, w
+        return None
+
+    def __call__(self, image):
+        if torch.rand(()).item() > self.p:
+            return image
+        box = self.box(*image.shape[-2:])
+        if box is None:
+            return image
+        top, left, h, w = box
+        image = image.clone()
+        image[:, top:top + h, left:left + w] = image.new_tensor(self.fill)[:, None, None]
+        return image
+
+
+class ChannelExchange:
+    """CAJ's augmented visible view: every channel set to one of R, G, B, chosen uniformly."""
+
+    def __call__(self, image):
+        return image[_integer(2)].expand_as(image).clone()
+
+
+class ChannelAdaptiveGray:
+    """CAJ's infrared augmentation: with probability 3/4 one channel (uniform among R, G, B)
+    copied to all three; otherwise the image is kept or turned to luminance gray (1/8 each)."""
+
+    def __call__(self, image):
+        choice = _integer(3)
+        if choice < 3:
+            return image[choice].expand_as(image).clone()
+        if torch.rand(()).item() > 0.5:
+            return image
+        gray = sum(weight * channel for weight, channel in zip(LUMINANCE, image))
+        return gray.expand_as(image).clone()
+
+
+class View(NamedTuple):
+    """One image a training sample yields: read from the cache of modality `stem`, augmented by
+    `transform`, passed through that modality's stem, labelled with that image's identity."""
+    name: str
+    stem: str
+    transform: Callable
+
+
+def training_views(img_h, img_w, erasing=(0.02, 0.4), grayscale=0.5, pad=10, erasing_kind='zero',
+                   channel_aug=False):
+    """The views of a training sample. Without channel augmentation, DEEN's and AGW's two:
+    [visible, infrared], both through train_transform (erasing_kind 'zero': torchvision's
+    erasing, filled with 0). erasing_kind 'channel' uses ChannelRandomErasing instead (CAJ).
+    channel_aug adds CAJ's views: [visible, visible + ChannelExchange, infrared +
+    ChannelAdaptiveGray], each drawn independently from the same visible / infrared image."""
+    if erasing_kind not in ('zero', 'channel'):
+        raise ValueError(f'erasing_kind must be zero or channel, got {erasing_kind!r}')
+    channel_erasing = erasing_kind == 'channel' and erasing
+    base = train_transform(img_h, img_w, None if channel_erasing else erasing, grayscale, pad)
+    if channel_erasing:
+        base = v2.Compose([base, ChannelRandomErasing(scale=erasing)])
+    if not channel_aug:
+        return [View('visible', 'visible', base), View('infrared', 'infrared', base)]
+    return [View('visible', 'visible', base),
+            View('visible_ca', 'visible', v2.Compose([base, ChannelExchange()])),
+            View('infrared', 'infrared', v2.Compose([base, ChannelAdaptiveGray()]))]
+
+
 def test_transform():
     """uint8 HWC array or PIL image of the test size -> normalised float CHW tensor."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -211,29 +310,37 @@ def test_transform():
 # Datasets
 
 class CrossModalTrainSet(torch.utils.data.Dataset):
-    """Paired training samples: index (visible i, infrared j, seed) -> (vis image, ir image, vis
-    label, ir label), each image augmented independently from the uint8 caches. The augmentation
-    draws come from torch's CPU generator seeded with `seed` (the sampler's), and the generator's
-    state is restored afterwards: a sample is the same in any worker or in the main process, and
-    the training process's own random stream is never touched."""
+    """Paired training samples: index (visible i, infrared j, seed) -> (image of each view...,
+    label of each view...), views in order: each view augments its own copy of visible image i
+    or infrared image j (the cache of its stem) and carries that image's label; with the two
+    views [visible, infrared] that is (vis image, ir image, vis label, ir label). The
+    augmentation draws come from torch's CPU generator seeded with `seed` (the sampler's), views
+    drawn in order, and the generator's state is restored afterwards: a sample is the same in
+    any worker or in the main process, and the training process's own random stream is never
+    touched. `views`: a list of View, or one transform for the two views [visible, infrared]."""
 
-    def __init__(self, visible, infrared, transform):
-        (self.visible_images, self.visible_labels) = visible
-        (self.infrared_images, self.infrared_labels) = infrared
-        self.transform = transform
+    def __init__(self, visible, infrared, views):
+        self.caches = {'visible': visible, 'infrared': infrared}
+        if callable(views):
+            views = [View('visible', 'visible', views), View('infrared', 'infrared', views)]
+        self.views = list(views)
 
     def __len__(self):
-        return len(self.visible_labels)
+        return len(self.caches['visible'][1])
 
-    def _augment(self, images, index):
-        return self.transform(torch.from_numpy(np.array(images[index])).permute(2, 0, 1))
+    def augment(self, view, index):
+        """Image `index` of the view's stem cache through the view's transform (draws from
+        torch's default generator as it stands)."""
+        image = torch.from_numpy(np.array(self.caches[view.stem][0][index])).permute(2, 0, 1)
+        return view.transform(image)
 
     def __getitem__(self, index):
-        vis, ir, seed = index
+        positions = dict(zip(('visible', 'infrared'), index[:2]))
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            images = self._augment(self.visible_images, vis), self._augment(self.infrared_images, ir)
-        return (*images, int(self.visible_labels[vis]), int(self.infrared_labels[ir]))
+            torch.default_generator.manual_seed(index[2])
+            images = [self.augment(view, positions[view.stem]) for view in self.views]
+        labels = [int(self.caches[view.stem][1][positions[view.stem]]) for view in self.views]
+        return (*images, *labels)
 
 
 class TestImageSet(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_S
                           dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
 from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_distance,
-                       inference_model, load_trained_model)
+                       inference_model, load_trained_model, method_fusions)
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
@@ -157,13 +157,14 @@ def run_protocol(args, device, ctx):
         check_network_input(model, info['method'], args.img_h, args.img_w)  # before any image
         model = inference_model(model, args)
         splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot)
-        trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx)
+        fusions = method_fusions(info['method'])
+        trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx, fusions)
         for name, by_fusion in trial_results.items():
             for fusion, values in by_fusion.items():
                 results.setdefault(name, {}).setdefault(fusion, []).extend(values)
         if args.rerank:
             for name, by_fusion in evaluate_store_reranked(store, layout, splits,
-                                                           rerank_params(args)).items():
+                                                           rerank_params(args), fusions).items():
                 for fusion, values in by_fusion.items():
                     reranked.setdefault(name, {}).setdefault(fusion, []).extend(values)
         counts['images'] += store.images
@@ -315,7 +316,9 @@ def results_record(args, summaries, counts, models, made):
     layout = layout_of(args.dataset)
     trials = sorted({t for model in models for t in model['trials']})
     protocol = {'trials': trials, 'multi_shot': bool(args.multi_shot), 'img_h': args.img_h,
-                'img_w': args.img_w, 'fusions': {name: list(w) for name, w in FUSIONS.items()},
+                'img_w': args.img_w,
+                'fusions': {name: list(w) for model in models
+                            for name, w in method_fusions(model['method']).items()},
                 'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot)
                              for name in summaries}}
     return {'format': RESULTS_FORMAT, 'dataset': args.dataset, 'data_path': args.data_path,

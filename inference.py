@@ -21,7 +21,15 @@ FEATURES_FORMAT = 'deen-vireid-features'
 
 # Weights of (pooled, BNNeck) embeddings in the similarity (METHOD.md "Test-time features").
 FUSIONS = {'pool+feat': (1.0, 1.0), '0.1pool+0.9feat': (0.1, 0.9)}
-METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144)}
+# CAJ reports its pooled and its BNNeck features alone as well.
+SINGLE_FEATURES = {'pool': (1.0, 0.0), 'feat': (0.0, 1.0)}
+METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144), 'caj': (288, 144)}
+
+
+def method_fusions(method):
+    """{name: (w_pool, w_feat)} of the fusions test.py reports for a method's checkpoints:
+    FUSIONS, and for CAJ also SINGLE_FEATURES."""
+    return {**FUSIONS, **SINGLE_FEATURES} if method == 'caj' else dict(FUSIONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,10 +350,12 @@ class ReIDModel:
 
 def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None):
     """(order, distances), each [Q, k]: for every query the gallery rows nearest first (ties in
-    gallery order) and their fused distances under a FUSIONS name; k = topk, or all rows."""
-    if fusion not in FUSIONS:
-        raise UserError(f'fusion must be one of {", ".join(FUSIONS)}, got {fusion!r}.')
+    gallery order) and their fused distances under a FUSIONS or SINGLE_FEATURES name; k = topk,
+    or all rows."""
+    known = {**FUSIONS, **SINGLE_FEATURES}
+    if fusion not in known:
+        raise UserError(f'fusion must be one of {", ".join(known)}, got {fusion!r}.')
     distances = fused_distance(query_features, gallery_features.to(query_features.device),
-                               FUSIONS[fusion])
+                               known[fusion])
     distances, order = distances.sort(dim=1, stable=True)
     return order[:, :topk], distances[:, :topk]

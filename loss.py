@@ -1,5 +1,6 @@
 """Training losses: identity cross-entropy, batch-hard triplet, center-guided pair mining (CPM), the
-orthogonal term of DEEN, AGW's weighted regularised triplet, and the per-method criterion."""
+orthogonal term of DEEN, the ADP triplet family of CAJ (AGW's weighted regularised triplet is its
+square-off, alpha = gamma = 1 case), and the per-method criterion."""
 import functools
 
 import torch
@@ -113,17 +114,63 @@ def softmax_weights(dist, mask):
     return exp / (exp.sum(1, keepdim=True) + 1e-6)
 
 
+ADP_CLAMP = 88.0  # CAJ's clamp of the squared hinge (exp(88) is near float32's largest value)
+
+
 @full_precision
-def weighted_regularized_triplet_loss(embeddings, labels):
-    """AGW's weighted regularised triplet: softmax-weighted positive and negative distances per
-    anchor (weights from the distances themselves), soft margin log(1 + exp(d_p - d_n)), mean."""
+def adp_distances(embeddings, labels, alpha=1.0):
+    """(weighted furthest positive [N], weighted closest negative [N]) of every anchor: the
+    batch distances of its positives and negatives, each averaged with softmax weights of
+    alpha x the distances (positives) or -alpha x the distances (negatives)."""
     dist = pairwise_distance(embeddings, embeddings)
     positive = same_identity(labels).to(dist.dtype)
     negative = 1 - positive
     dist_positive, dist_negative = dist * positive, dist * negative
-    furthest_positive = (dist_positive * softmax_weights(dist_positive, positive)).sum(1)
-    closest_negative = (dist_negative * softmax_weights(-dist_negative, negative)).sum(1)
-    return F.softplus(furthest_positive - closest_negative).mean()
+    positive_weights = softmax_weights(_scaled(dist_positive, alpha), positive)
+    negative_weights = softmax_weights(_scaled(-dist_negative, alpha), negative)
+    furthest_positive = (dist_positive * positive_weights).sum(1)
+    closest_negative = (dist_negative * negative_weights).sum(1)
+    return furthest_positive, closest_negative
+
+
+def _scaled(value, factor):
+    """value * factor; at factor 1 value itself, so that the default's autograd graph (and its
+    gradients, bit for bit) is AGW's."""
+    return value if factor == 1 else value * factor
+
+
+@full_precision
+def adp_ranking(furthest_positive, closest_negative, gamma=1.0, square=False):
+    """The ADP hinge of CAJ, mean over anchors, on adp_distances' output. square=False: the soft
+    margin log(1 + exp(gamma (d_p - d_n))). square=True: s = min(gamma (d_p - d_n)^2, 88) and
+    log(1 + exp(s)) for an anchor whose positive is farther than its negative, else
+    log(1 + exp(-s)); an anchor at the clamp has zero gradient."""
+    gap = furthest_positive - closest_negative
+    if not square:
+        return F.softplus(_scaled(gap, gamma)).mean()
+    clamped = _scaled(gap.pow(2), gamma).clamp(max=ADP_CLAMP)
+    sign = torch.where(gap > 0, 1.0, -1.0)
+    return F.softplus(sign * clamped).mean()
+
+
+def adp_saturated(furthest_positive, closest_negative, gamma=1.0, square=False):
+    """Whether every anchor of the ADP triplet sits at the clamp (zero gradient for the batch);
+    never with square=False."""
+    gap = (furthest_positive - closest_negative).detach()
+    return bool(square) and bool((gap.pow(2) * gamma > ADP_CLAMP).all())
+
+
+@full_precision
+def adp_triplet_loss(embeddings, labels, alpha=1.0, gamma=1.0, square=False):
+    """CAJ's TripletLoss_ADP on embeddings [N, D]: adp_ranking of adp_distances."""
+    return adp_ranking(*adp_distances(embeddings, labels, alpha), gamma, square)
+
+
+def weighted_regularized_triplet_loss(embeddings, labels):
+    """AGW's weighted regularised triplet: softmax-weighted positive and negative distances per
+    anchor (weights from the distances themselves), soft margin log(1 + exp(d_p - d_n)), mean;
+    the ADP triplet with alpha = gamma = 1, square off."""
+    return adp_triplet_loss(embeddings, labels)
 
 
 def identity_loss(logits, labels):
@@ -144,10 +191,11 @@ class DEENCriterion(nn.Module):
     lambda_2): they sum to L.
     """
 
-    def __init__(self, margin=0.3, cpm_margin=0.2, lambda_1=0.8, lambda_2=0.01):
+    def __init__(self, margin=0.3, cpm_margin=0.2, lambda_1=0.8, lambda_2=0.01, views=2):
         super().__init__()
         self.margin, self.cpm_margin = margin, cpm_margin
         self.lambda_1, self.lambda_2 = lambda_1, lambda_2
+        self.views = views
 
     def forward(self, out, labels):
         branches = len(out.pool) // len(labels)
@@ -164,27 +212,55 @@ class DEENCriterion(nn.Module):
         return total, {name: value.detach() for name, value in parts.items()}
 
     def pair_mining(self, pool, labels, branches):
-        """Sum over the generated branches of CPM([orig; generated])."""
-        original, *generated = pool.chunk(branches)
-        pair_labels = torch.cat([labels, labels])
+        """Sum over the generated branches of CPM([orig; generated]). CPM pairs each person's
+        visible and infrared centres, so with more than two views (channel augmentation's
+        [visible; visible channel-exchanged; infrared]) it takes the first view (the visible
+        one) and the last (infrared) of every branch; the extra views enter the identity and
+        triplet terms only."""
+        per_view = len(labels) // self.views
+        rows = torch.arange(len(labels), device=labels.device)
+        keep = torch.cat([rows[:per_view], rows[-per_view:]])
+        original, *generated = (branch[keep] for branch in pool.chunk(branches))
+        pair_labels = labels[keep].repeat(2)
         return sum(center_pair_mining_loss(torch.cat([original, branch]), pair_labels, self.cpm_margin)
                    for branch in generated)
 
 
-class AGWCriterion(nn.Module):
-    """L = L_id + L_wrt (AGW); labels [2B] = [visible; infrared], one embedding per image."""
+class TripletCriterion(nn.Module):
+    """L = L_id + L_adp: AGW (alpha = gamma = 1, square off: its weighted regularised triplet)
+    and CAJ (its README: alpha = gamma = 1, square on). One embedding per image and labels in
+    the batch order, whatever the views ([visible; infrared], or CAJ's [visible; visible
+    channel-exchanged; infrared]). Counts the steps whose triplet term was saturated (every
+    anchor at the clamp: zero gradient), for the trainer's stall warning (take_stall_count)."""
+
+    def __init__(self, alpha=1.0, gamma=1.0, square=False):
+        super().__init__()
+        self.alpha, self.gamma, self.square = alpha, gamma, square
+        self.saturated_steps = 0
 
     def forward(self, out, labels):
+        positive, negative = adp_distances(out.pool, labels, self.alpha)
         parts = {'id': identity_loss(out.logits, labels),
-                 'tri': weighted_regularized_triplet_loss(out.pool, labels)}
+                 'tri': adp_ranking(positive, negative, self.gamma, self.square)}
+        self.saturated_steps += adp_saturated(positive, negative, self.gamma, self.square)
         total = sum(parts.values())
         return total, {name: value.detach() for name, value in parts.items()}
 
+    def take_stall_count(self):
+        """The steps with a saturated triplet term since the last call; resets the count."""
+        count, self.saturated_steps = self.saturated_steps, 0
+        return count
 
-def build_criterion(method, margin=0.3, cpm_margin=0.2, lambda_1=0.8, lambda_2=0.01):
-    """The loss of a method: 'deen' (parts id, tri, cpm, ort) or 'agw' (parts id, tri)."""
+
+
+def build_criterion(method, margin=0.3, cpm_margin=0.2, lambda_1=0.8, lambda_2=0.01, views=2,
+                    adp_alpha=1.0, adp_gamma=1.0, adp_square=None):
+    """The loss of a method: 'deen' (parts id, tri, cpm, ort), 'agw' or 'caj' (parts id, tri:
+    the ADP triplet; adp_square None: the method's own, AGW off, CAJ on). views: how many
+    views a sample has (DEENCriterion)."""
     if method == 'deen':
-        return DEENCriterion(margin, cpm_margin, lambda_1, lambda_2)
-    if method == 'agw':
-        return AGWCriterion()
-    raise ValueError(f'unknown method {method!r}; expected deen or agw')
+        return DEENCriterion(margin, cpm_margin, lambda_1, lambda_2, views)
+    if method in ('agw', 'caj'):
+        square = (method == 'caj') if adp_square is None else adp_square
+        return TripletCriterion(adp_alpha, adp_gamma, square)
+    raise ValueError(f'unknown method {method!r}; expected deen, agw or caj')

@@ -482,16 +482,17 @@ def with_non_local(layer, blocks, x):
 
 
 def build_model(method, num_classes, dataset, pretrained=None, arch='resnet50', switches=None):
-    """DEEN ('deen'; dataset 'regdb' selects its RegDB variant) or AGW ('agw') on the trunk `arch`.
+    """DEEN ('deen'; dataset 'regdb' selects its RegDB variant) or AGW ('agw', and 'caj', which
+    trains the same network) on the trunk `arch`.
     pretrained: 'imagenet' (torchvision's IMAGENET1K_V1 weights of `arch` into both stems and the
     trunk), a path to a torchvision state dict of `arch`, or None / 'none'. switches: DEEN's
     NetworkSwitches (None: the released ones)."""
     if method == 'deen':
         model = DEEN(num_classes, regdb=dataset == 'regdb', arch=arch, switches=switches)
-    elif method == 'agw':
+    elif method in ('agw', 'caj'):  # CAJ trains AGW's network (its released model.py)
         model = AGW(num_classes, arch=arch)
     else:
-        raise UserError(f'--method must be deen or agw, got {method!r}.')
+        raise UserError(f'--method must be deen, agw or caj, got {method!r}.')
     backbone_weights = backbone_state_dict(pretrained, arch)
     if backbone_weights is not None:
         load_backbone(model, backbone_weights, source=pretrained)

@@ -49,8 +49,10 @@ def build_parser():
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
                        'of Rank-1 and mAP against the value and its JSON')
-    table.add_argument('--method', default='deen', choices=tuple(training.METHOD_DEFAULTS),
-                       help='the method whose rows are reproduced')
+    table.add_argument('--method', default='deen', choices=tuple(training.RECIPES),
+                       help='the row to reproduce: a method\'s released recipe (deen, agw, caj), '
+                       'or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; agw is '
+                       'its AGW*)')
     table.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
                        help='the fusion compared with the published numbers')
     runs = parser.add_argument_group('runs')
@@ -108,7 +110,8 @@ def check_args(args, train_flags):
 
 @dataclass
 class Part:
-    """One training (dataset, method, seed, RegDB split) and the test of its best checkpoint."""
+    """One training (dataset, method, seed, RegDB split) and the test of its best checkpoint;
+    method is a training.RECIPES name."""
     dataset: str
     method: str
     seed: int
@@ -128,7 +131,8 @@ class Part:
         return f'{self.dataset} {self.method}{row} seed {self.seed}{split}'
 
     def train_argv(self, resume=False):
-        return [*self.train_flags, '--dataset', self.dataset, '--method', self.method,
+        method, recipe_flags = training.RECIPES[self.method]
+        return [*recipe_flags, *self.train_flags, '--dataset', self.dataset, '--method', method,
                 '--seed', str(self.seed), '--trial', str(self.trial),
                 '--model_path', os.path.join(self.folder, 'save_model'),
                 '--log_path', os.path.join(self.folder, 'log'),

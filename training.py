@@ -19,7 +19,7 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache, train_transform
+from data_loader import CrossModalTrainSet, load_or_build_cache, training_views
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from loss import build_criterion
 from model import (ATTENTIONS, BACKBONES, DEE_STAGES, SWITCHES, NetworkSwitches, build_model,
@@ -35,13 +35,27 @@ from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_ru
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
-RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet')
+RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet',
+                    channel_aug=False, erasing_kind='zero')
 METHOD_DEFAULTS = {
     'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
                  lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
     'agw': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10),
+                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
+                adp_alpha=1.0, adp_gamma=1.0, adp_square=0),
+    # CAJ's released train_ext.py and README command: AGW's network, three views (channel
+    # erasing on each, channel exchange, infrared adaptive gray), the ADP triplet squared.
+    'caj': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=100,
+                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
+                erasing_kind='channel', channel_aug=True, adp_alpha=1.0, adp_gamma=1.0,
+                adp_square=1),
 }
+# Named recipes, the rows of the LLCM benchmark (DEEN paper, Table 3) that reproduce.py runs:
+# name -> (method, train.py flags on top of its recipe). 'agw' is the released AGW recipe, the
+# paper's AGW* (random erasing); 'agw-plain' is the paper's AGW, without random erasing.
+RECIPES = {'deen': ('deen', []), 'agw': ('agw', []), 'agw-plain': ('agw', ['--no-random-erasing']),
+           'caj': ('caj', [])}
+ADP_FLAGS = ('adp_alpha', 'adp_gamma', 'adp_square')
 DATASET_OVERRIDES = {
     'sysu': {'deen': dict(erasing=(0.2, 0.8))},
     # The demo: a small configuration that learns from scratch on 2 CPU cores in about three
@@ -114,8 +128,26 @@ def build_parser():
                        '(default: mfa)')
     model.add_argument('--nonlocal-reduction', type=int, help='--attention nonlocal: its blocks '
                        'have C / this inter-channels (default: 2, the standard non-local block)')
+    model.add_argument('--adp-alpha', type=float, help="ADP triplet's softmax temperature (agw, "
+                       'caj; default: 1)')
+    model.add_argument('--adp-gamma', type=float, help="ADP triplet's scale (agw, caj; default: 1)")
+    model.add_argument('--adp-square', type=int, choices=(0, 1),
+                       help='ADP triplet squared and clamped at 88 (caj default: 1) or soft margin '
+                       "(0: AGW's weighted regularised triplet)")
     model.add_argument('--sync-bn', action='store_true',
                        help='SyncBatchNorm across processes (CUDA GPUs only)')
+
+    augmentation = parser.add_argument_group('augmentation')
+    augmentation.add_argument('--channel-aug', action=argparse.BooleanOptionalAction,
+                              help="CAJ's channel augmentation for any method: a third view (the "
+                              'visible image again, channels exchanged) and adaptive gray on the '
+                              'infrared view (default: on for caj, off otherwise)')
+    augmentation.add_argument('--random-erasing', action=argparse.BooleanOptionalAction,
+                              help="random erasing (default: on; --no-random-erasing: the paper's "
+                              'AGW row, on: AGW*)')
+    augmentation.add_argument('--erasing-kind', choices=('zero', 'channel'),
+                              help="random erasing's fill: zero (DEEN, AGW) or channel (CAJ's "
+                              "per-channel constants) (default: the method's)")
 
     schedule = parser.add_argument_group('schedule')
     schedule.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default: sgd, '
@@ -155,6 +187,14 @@ def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
     recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
     recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
+    given = [name for name in ADP_FLAGS if getattr(args, name, None) is not None]
+    if given and args.method == 'deen':
+        raise UserError(f'{flag(given[0])} sets the ADP triplet of {flag("method")} agw and caj; '
+                        f'deen trains with the batch-hard triplet ({flag("margin")}).')
+    if args.random_erasing is False:
+        recipe['erasing'] = None
+    elif args.random_erasing and not recipe['erasing']:  # turned on where the recipe has none
+        recipe['erasing'] = METHOD_DEFAULTS[args.method]['erasing']
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -180,6 +220,9 @@ def check_training_flags(args):
     for dest in ('lambda_1', 'lambda_2', 'margin', 'cpm_margin'):
         if getattr(args, dest) is not None:  # the lambdas are filled by resolve_network
             check_real(getattr(args, dest), dest)
+    for dest in ('adp_alpha', 'adp_gamma'):
+        if getattr(args, dest, None) is not None:
+            check_real(getattr(args, dest), dest, positive=True)
     check_runtime_flags(args)
 
 
@@ -327,8 +370,11 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
+        self.views = training_views(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad,
+                                    args.erasing_kind, args.channel_aug)
         self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
-                                         lambda_2=args.lambda_2, cpm_margin=args.cpm_margin)
+                                         lambda_2=args.lambda_2, cpm_margin=args.cpm_margin,
+                                         views=len(self.views), **adp_settings(args))
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -360,8 +406,7 @@ class Trainer:
         self._barrier()
         caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
                   for m in MODALITIES]
-        transform = train_transform(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad)
-        dataset = CrossModalTrainSet(*caches, transform)
+        dataset = CrossModalTrainSet(*caches, self.views)
         sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                                   seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
         # its own generator: creating the workers draws nothing from the training process's RNG
@@ -586,10 +631,12 @@ class Trainer:
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         with tqdm(total=done + self.sampler.steps_left, initial=done, desc=f'epoch {epoch}',
                   leave=False, disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
-            for step, (visible, infrared, visible_labels, infrared_labels) in enumerate(self.loader, done):
+            trained = 0  # the steps this call trains
+            for step, batch in enumerate(self.loader, done):
+                visible, infrared, labels = stem_batches(self.views, batch)
                 visible = visible.to(device, non_blocking=True, memory_format=memory_format)
                 infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
-                labels = torch.cat([visible_labels, infrared_labels]).to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
                 with autocast_context(device, args.amp):
                     loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
                 values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -606,6 +653,7 @@ class Trainer:
                     meters.setdefault(name, AverageMeter()).update(value)
                 bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
                 bar.update()
+                trained += 1
                 if values[-1] > 0:  # some process was asked to stop: all stop after this step
                     progress = {'meters': {name: [m.sum, m.count] for name, m in meters.items()},
                                 'train_seconds': progress['train_seconds'] + time.time() - started}
@@ -613,7 +661,21 @@ class Trainer:
                     self._save(self.last_path, self._state(epoch, consumed, progress=progress))
                     raise Interrupted(epoch)
         seconds = progress['train_seconds'] + time.time() - started
+        self._warn_stalled_triplet(epoch, trained)
         return {name: m.avg for name, m in meters.items()}, seconds
+
+    def _warn_stalled_triplet(self, epoch, steps):
+        """One log line when the triplet term had zero gradient at each of the epoch's `steps`
+        steps (CAJ's squared ADP hinge with every anchor at its clamp of 88)."""
+        take = getattr(self.criterion, 'take_stall_count', None)
+        if take is None:
+            return
+        stalled = take()
+        if steps and stalled >= steps:
+            self.log.warning(f'{self.name} epoch {epoch}: the triplet term had zero gradient at '
+                             f'all {steps} step(s) (its squared hinge clamped at 88 for every '
+                             f'anchor), so it did not train; {flag("adp_square")} 0 uses the soft '
+                             f'margin instead.')
 
     def _reduce(self, values):
         """Mean over processes of the step's scalars (the stop flag is summed)."""
@@ -662,6 +724,25 @@ def recorded_switches(args):
     AGW): load_trained_model rebuilds the network from it."""
     switches = network_switches(args)
     return None if switches is None else asdict(switches)
+
+
+def adp_settings(args):
+    """The ADP triplet's build_criterion arguments from the flags (unset for deen)."""
+    if args.method == 'deen':
+        return {}
+    return {'adp_alpha': args.adp_alpha, 'adp_gamma': args.adp_gamma,
+            'adp_square': bool(args.adp_square)}
+
+
+def stem_batches(views, batch):
+    """(visible images, infrared images, labels) of a loader batch (the images of each view,
+    then the labels of each view, CrossModalTrainSet): the images of every view through a
+    stem concatenated in view order, labels in the order [visible stem; infrared stem]."""
+    images, labels = batch[:len(views)], batch[len(views):]
+    by_stem = {stem: [i for i, view in enumerate(views) if view.stem == stem] for stem in MODALITIES}
+    visible, infrared = (torch.cat([images[i] for i in by_stem[stem]]) for stem in MODALITIES)
+    order = by_stem['visible'] + by_stem['infrared']
+    return visible, infrared, torch.cat([labels[i] for i in order])
 
 
 def plain_args(args):

@@ -46,7 +46,8 @@ def main():
 
     def unseeded(index):  # the same draws, made on the process's generator, nothing restored
         torch.default_generator.manual_seed(index)
-        return (dataset._augment(images, index % 64), dataset._augment(images, (index * 7) % 64),
+        visible, infrared = dataset.views
+        return (dataset.augment(visible, index % 64), dataset.augment(infrared, (index * 7) % 64),
                 int(labels[index % 64]), int(labels[(index * 7) % 64]))
 
     def stream_only(index):  # what the own stream adds, without the augmentation
