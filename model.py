@@ -454,13 +454,14 @@ class DEEN(TwoStreamNet):
 
 class AGW(TwoStreamNet):
     """The AGW baseline: non-local blocks after the last 2 blocks of layer2 and the last 3 of
-    layer3, GeM pooling (p=3), BNNeck. One embedding per image, embed_dim 2048. State dict keys
-    besides the shared ones: layer{2,3}_non_local.<i>.{g,theta,phi,W.0}.{weight,bias}, .W.1.*."""
+    layer3 (ResNet-18's layer3 has only 2 blocks: one after each), GeM pooling (p=3), BNNeck.
+    One embedding per image, embed_dim 2048. State dict keys besides the shared ones:
+    layer{2,3}_non_local.<i>.{g,theta,phi,W.0}.{weight,bias}, .W.1.*."""
 
     def __init__(self, num_classes, arch='resnet50'):
         super().__init__(num_classes, arch)
-        self.layer2_non_local = nn.ModuleList(NonLocal(self.widths[1]) for _ in range(2))
-        self.layer3_non_local = nn.ModuleList(NonLocal(self.widths[2]) for _ in range(3))
+        self.layer2_non_local = non_local_blocks(self.trunk.layer2, self.widths[1], count=2)
+        self.layer3_non_local = non_local_blocks(self.trunk.layer3, self.widths[2], count=3)
 
     def forward(self, visible=None, infrared=None):
         x = self.stems(visible, infrared)                                   # [N, 64, H/4, W/4]
@@ -469,6 +470,12 @@ class AGW(TwoStreamNet):
         x = with_non_local(self.trunk.layer3, self.layer3_non_local, x)     # [N, 1024, H/16, W/16]
         x = self.trunk.layer4(x)                                            # [N, 2048, H/16, W/16]
         return self.head(gem_pool(x))                                       # [N, 2048]
+
+
+def non_local_blocks(layer, channels, count):
+    """AGW's non-local blocks for the last `count` residual blocks of a ResNet stage (as many as
+    the stage has, if fewer: a block with no residual block before it would never run)."""
+    return nn.ModuleList(NonLocal(channels) for _ in range(min(count, len(layer))))
 
 
 def with_non_local(layer, blocks, x):
