@@ -6,8 +6,8 @@ import sys
 import torch
 
 from checks import check_output_folder
-from data_manager import DATASETS, MODALITIES
-from inference import image_paths, load_trained_model
+from data_manager import MODALITIES
+from inference import add_checkpoint_args, image_paths, load_trained_model
 from onnx_export import (EXAMPLE_BATCH, OPSET, TOLERANCE, ExportMismatch, export_onnx, image_batch,
                          io_names, require_onnx, verify_export)
 from tools.synthetic_data import image_rng, render_person
@@ -21,10 +21,7 @@ def build_parser():
     """export.py's flags, grouped as its --help shows them (docs/search-export-api.md)."""
     parser = manual_parser(__doc__)
     model = parser.add_argument_group('model')
-    model.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
-                       '.t file)')
-    model.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
-                       'class count names no dataset')
+    add_checkpoint_args(model)
     graph = parser.add_argument_group('graph')
     graph.add_argument('--modality', default='both', choices=(*MODALITIES, 'both'),
                        help='the stem(s) in the graph: one input per modality')

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_loader import TestImageSet
+from data_manager import DATASETS
 from model import (NetworkSwitches, build_model, converted_state_dict, load_model_weights,
                    method_of_state_dict)
 from utils import (DistContext, UserError, autocast_context, load_checkpoint,
@@ -34,6 +35,15 @@ def method_fusions(method):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint -> model
+
+def add_checkpoint_args(group):
+    """--resume (required) and --dataset of the tools that run one trained network (search.py,
+    export.py)."""
+    group.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
+                       '.t file)')
+    group.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
+                       'class count names no dataset')
+
 
 def load_trained_model(path, dataset=None, device='cpu'):
     """Build the network a checkpoint describes and load its weights: our checkpoints carry their

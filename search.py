@@ -6,10 +6,10 @@ import sys
 
 import figures
 from checks import check_device_flags, check_integer, check_output_folder, check_runtime_flags
-from data_manager import DATASETS, MODALITIES
+from data_manager import MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
-from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, image_files, image_paths,
-                       rank_gallery)
+from inference import (FUSIONS, IMAGE_EXTENSIONS, ReIDModel, add_checkpoint_args, image_files,
+                       image_paths, rank_gallery)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
 
@@ -21,10 +21,7 @@ def build_parser():
     """search.py's flags, grouped as its --help shows them (docs/search-export-api.md)."""
     parser = manual_parser(__doc__)
     model = parser.add_argument_group('model')
-    model.add_argument('--resume', required=True, help='checkpoint (ours or a released DEEN/AGW '
-                       '.t file)')
-    model.add_argument('--dataset', choices=DATASETS, help='only for a released checkpoint whose '
-                       'class count names no dataset')
+    add_checkpoint_args(model)
     add_image_size_args(model)
     images = parser.add_argument_group('query and gallery')
     images.add_argument('--query', required=True, nargs='+', metavar='PATH',

@@ -104,7 +104,7 @@ def build_parser():
     data.add_argument('--mode', default='all', choices=('all', 'indoor'),
                       help='SYSU-MM01 search mode used for model selection')
     data.add_argument('--img_h', type=int, help='input height (default: per method, DEEN 384, AGW '
-                      '288)')
+                      'and CAJ 288)')
     data.add_argument('--img_w', type=int, help='input width (default: per method, 144)')
 
     model = parser.add_argument_group('model and losses')
@@ -155,14 +155,15 @@ def build_parser():
     schedule.add_argument('--lr', type=float, help='base learning rate of BNNeck and classifier; '
                           'a pretrained trunk trains at 0.1x (default: 0.1)')
     schedule.add_argument('--batch-size', type=int, help='identities per step per process (P) '
-                          '(default: DEEN 6, AGW 8)')
+                          '(default: DEEN 6, AGW and CAJ 8)')
     schedule.add_argument('--num_pos', type=int, help='images per identity per modality (K) '
                           '(default: 4)')
-    schedule.add_argument('--epochs', type=int, help='number of epochs (default: DEEN 151, AGW 81)')
+    schedule.add_argument('--epochs', type=int, help='number of epochs (default: DEEN 151, AGW 81, CAJ '
+                          '100)')
     schedule.add_argument('--warmup', type=int, help='epochs of linear learning-rate warm-up '
                           '(default: 10)')
     schedule.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning '
-                          'rate drops x0.1 (default: DEEN 20 80, AGW 20 50)')
+                          'rate drops x0.1 (default: DEEN 20 80, AGW and CAJ 20 50)')
     schedule.add_argument('--eval-every', type=int, help='evaluate every N epochs, 0: never '
                           '(default: 1)')
     schedule.add_argument('--seed', type=int, default=0, help='seed of every random draw')
