@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader import TestImageSet
@@ -278,9 +279,15 @@ def _gather_strided(features, total, ctx):
 
 def fused_distance(query_features, gallery_features, weights):
     """Negative fused similarity [Q, G] of features [Q, 2, k, D] and [G, 2, k, D]: the sum over
-    branches of w_pool * <pool> + w_feat * <feat>; weights is a FUSIONS value."""
+    branches of w_pool * <pool> + w_feat * <feat>; weights is a FUSIONS value. A SINGLE_FEATURES
+    value (one weight 0) compares that feature alone as CAJ's test does: the flip-summed
+    feature re-normalised, so the similarity is a cosine."""
     scale = query_features.new_tensor(weights).view(1, 2, 1, 1)
-    return -(query_features * scale).flatten(1) @ gallery_features.flatten(1).T
+    query, gallery = (query_features * scale).flatten(1), gallery_features.flatten(1)
+    if 0.0 in weights:
+        gallery = (gallery_features * scale).flatten(1)
+        query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    return -query @ gallery.T
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from data_loader import (CHANNEL_ERASING_FILL, ChannelAdaptiveGray, ChannelExcha
                          ChannelRandomErasing, CrossModalTrainSet, training_views)
 from loss import (ADP_CLAMP, DEENCriterion, adp_triplet_loss, build_criterion,
                   center_pair_mining_loss, weighted_regularized_triplet_loss)
-from inference import rank_gallery
+from inference import FUSIONS, SINGLE_FEATURES, fused_distance, rank_gallery
 from model import TrainOutput
 from tiny_runs import TINY, seeded_checkpoint
 from utils import IdentitySampler, UserError
@@ -355,3 +355,18 @@ def test_rank_gallery_ranks_by_pooled_or_bnneck_features_alone():
     gallery[0, 0, 0], gallery[1, 1, 0] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert rank_gallery(query, gallery, 'pool')[0].tolist() == [[0, 1]]
     assert rank_gallery(query, gallery, 'feat')[0].tolist() == [[1, 0]]
+
+
+def test_a_single_feature_is_compared_re_normalised_as_caj_tests():
+    """CAJ's test averages an image's embedding with its flip's and re-normalises before the dot
+    product: the 'pool' / 'feat' distances are cosines of the flip-summed features, while the
+    fusions keep the released sum of inner products."""
+    generator = torch.Generator().manual_seed(0)
+    query, gallery = (torch.randn(n, 2, 1, 8, generator=generator) for n in (3, 5))
+    for name, index in (('pool', 0), ('feat', 1)):
+        q = torch.nn.functional.normalize(query[:, index, 0], dim=1)
+        g = torch.nn.functional.normalize(gallery[:, index, 0], dim=1)
+        assert torch.allclose(fused_distance(query, gallery, SINGLE_FEATURES[name]), -q @ g.T,
+                              atol=1e-6)
+    plain = -(query[:, 0, 0] @ gallery[:, 0, 0].T + query[:, 1, 0] @ gallery[:, 1, 0].T)
+    assert torch.allclose(fused_distance(query, gallery, FUSIONS['pool+feat']), plain, atol=1e-5)
