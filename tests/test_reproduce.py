@@ -192,6 +192,13 @@ def test_flags_that_reproduce_sets_itself_are_refused():
         reproduce.parse_args(['--dataset', 'llcm', '--trials', '1'])
 
 
+def test_a_single_feature_is_compared_for_caj_only():
+    args = reproduce.parse_args(['--dataset', 'llcm', '--method', 'caj', '--fusion', 'feat'])
+    assert args.fusion == 'feat'
+    with pytest.raises(reproduce.UserError, match='--fusion pool is reported for CAJ only'):
+        reproduce.parse_args(['--dataset', 'llcm', '--fusion', 'pool'])
+
+
 def _history_epochs(path):
     with open(path) as handle:
         return [json.loads(line)['epoch'] for line in handle]
