@@ -18,7 +18,7 @@ from loss import (ADP_CLAMP, DEENCriterion, adp_triplet_loss, build_criterion,
 from inference import FUSIONS, SINGLE_FEATURES, fused_distance, rank_gallery
 from model import TrainOutput
 from tiny_runs import TINY, seeded_checkpoint
-from utils import IdentitySampler, UserError
+from utils import IdentitySampler, UserError, load_checkpoint
 
 DRAWS = 4000
 
@@ -303,7 +303,7 @@ def test_a_training_step_with_channel_augmentation_has_three_views(demo_root, tm
     assert not torch.equal(first[:, 0], first[:, 1])  # the plain visible view keeps its colours
     assert torch.equal(labels[:per_view], labels[per_view:2 * per_view])   # CA view: visible labels
     assert torch.equal(labels[:per_view], labels[2 * per_view:])           # paired identities
-    checkpoint = torch.load(out / 'm' / f'demo_{method}_last.pth', weights_only=False)
+    checkpoint = load_checkpoint(str(out / 'm' / f'demo_{method}_last.pth'))
     assert checkpoint['method'] == method and checkpoint['args']['channel_aug'] is True
 
 
