@@ -126,6 +126,48 @@ def test_pre_process_sysu_refuses_a_zero_size(sysu_root, tmp_path, capsys, flag,
     assert_refused_up_front(capsys, code, tmp_path, {}, flag)
 
 
+def pre_process(data_path, cache_dir):
+    """pre_process_sysu.py's exit status as the command line sees it (UserError -> 2)."""
+    return run_main(lambda: pre_process_sysu.main(['--data-path', str(data_path), '--cache-dir',
+                                                   str(cache_dir), '--workers', '0']))
+
+
+def test_pre_process_sysu_refuses_a_data_path_that_is_a_file_or_missing(tmp_path, capsys):
+    (tmp_path / 'SYSU-MM01.zip').write_bytes(b'PK')
+    code = pre_process(tmp_path / 'SYSU-MM01.zip', tmp_path / 'cache')
+    assert_refused_up_front(capsys, code, tmp_path / 'cache', {}, '--data-path', 'is a file')
+    code = pre_process(tmp_path / 'SYSU-MM01', tmp_path / 'cache')
+    assert_refused_up_front(capsys, code, tmp_path / 'cache', {}, '--data-path')
+
+
+def test_pre_process_sysu_refuses_a_cache_dir_it_cannot_write(sysu_root, tmp_path, capsys):
+    (tmp_path / 'cache').write_text('not a folder')
+    before = files_under(tmp_path)
+    code = pre_process(sysu_root, tmp_path / 'cache')
+    assert_refused_up_front(capsys, code, tmp_path, before, '--cache-dir', 'is a file')
+    with read_only_folder(tmp_path / 'read_only'):
+        code = pre_process(sysu_root, tmp_path / 'read_only')
+        err = assert_refused_up_front(capsys, code, tmp_path / 'read_only', {}, '--cache-dir')
+    assert 'is on a read-only file system' in err or 'is not writable (permission denied)' in err
+
+
+def test_pre_process_sysu_refuses_a_cache_dir_without_room(sysu_root, tmp_path, capsys):
+    with tmpfs(tmp_path / 'cache', 'size=64k'):
+        code = pre_process(sysu_root, tmp_path / 'cache')
+        assert_refused_up_front(capsys, code, tmp_path / 'cache', {}, '--cache-dir',
+                                'is needed for the training cache')
+
+
+def test_pre_process_sysu_names_an_undecodable_image_before_any_cache_work(sysu_root, tmp_path,
+                                                                           capsys):
+    data = shutil.copytree(sysu_root, tmp_path / 'data')
+    image = train_image_lists('sysu', str(data))['infrared'].paths[0]
+    damage_image(data / os.path.relpath(image, data), 'truncated')
+    code = pre_process(data, tmp_path / 'cache')
+    assert_refused_up_front(capsys, code, tmp_path / 'cache', {}, os.path.basename(image))
+    assert pre_process(sysu_root, tmp_path / 'cache') == 0  # the intact folder is cached
+
+
 def test_lr_nan_trains_nothing(llcm_root, tmp_path, capsys):
     code = run_train(train_argv('llcm', llcm_root, str(tmp_path), '--lr', 'nan'))
     assert_refused_up_front(capsys, code, tmp_path, {}, '--lr must be a finite number above 0, got nan.')

@@ -19,6 +19,7 @@ import evaluation  # noqa: E402
 import figures  # noqa: E402
 import gallery_index  # noqa: E402
 import onnx_export  # noqa: E402
+import paper_results  # noqa: E402
 import training  # noqa: E402
 import visualize  # noqa: E402
 from inference import FeatureStore  # noqa: E402
@@ -95,6 +96,16 @@ def onnx_file(path, version):
                             ('visible',), path)
 
 
+def comparison_file(path, version):
+    """reproduce.py's comparison (.md beside its .json), of no finished part, named by version."""
+    comparison = paper_results.compare('llcm', 'deen', 'pool+feat', [], missing=[f'v{version}'])
+    paper_results.write_comparison(comparison, os.path.dirname(path))
+
+
+def nothing_more(args):
+    """The stand-in of a step after the temporary file is open: it writes nothing more."""
+
+
 def reads_back(kind, path):
     """Whether the file at path is read back as a valid file of its kind."""
     if kind == 'results':
@@ -110,6 +121,9 @@ def reads_back(kind, path):
     if kind in ('figure_numbers', 'args'):
         with open(path) as handle:
             return json.load(handle)['version'] == 1
+    if kind == 'comparison':
+        with open(path) as handle:
+            return 'v1' in handle.read()
     if kind == 'onnx':
         import onnx
         onnx.checker.check_model(onnx.load(path))
@@ -126,6 +140,8 @@ KINDS = {
     'figure_numbers': ('numbers.json', figure_numbers_file, (json, 'dump'), partial_json),
     'args': ('run_args.json', args_file, (json, 'dump'), partial_json),
     'onnx': ('model.onnx', onnx_file, (torch.onnx, 'export'), partial_to(2)),
+    'comparison': ('llcm_deen_comparison.md', comparison_file,
+                   (paper_results, 'comparison_markdown'), nothing_more),
 }
 
 

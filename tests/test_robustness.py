@@ -1,6 +1,7 @@
 """Never lose a run, never load untrusted code, explain every bad input: SIGTERM from outside,
 SIGKILL during a save, non-finite losses, refused checkpoints and one-sentence user errors (exact
 resume: test_resume.py; checks before the work: test_checks.py)."""
+import json
 import os
 import shutil
 import signal
@@ -33,14 +34,15 @@ def wait_for(predicate, seconds=120):
         time.sleep(0.2)
 
 
-def test_sigterm_finishes_the_step_saves_last_and_the_run_resumes(llcm_root, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_finishes_the_step_saves_last_and_the_run_resumes(llcm_root, tmp_path, signum):
     out = str(tmp_path)
     argv = train_argv('llcm', llcm_root, out, '--epochs', 50, '--eval-every', 0, '--max-steps', 4)
     log = tmp_path / 'logs' / 'llcm_deen.log'
     process = subprocess.Popen([sys.executable, 'train.py', *map(str, argv)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: log.exists() and 'steps/epoch' in log.read_text())
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert '--resume' in stderr and 'Traceback' not in stderr
@@ -90,6 +92,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last(llcm_root, tmp
     assert run_train(argv) == 2
     assert 'epoch 1, step 0' in capsys.readouterr().err
     assert load_checkpoint(str(tmp_path / 'models' / 'llcm_deen_last.pth'))['epoch'] == 0
+    history = (tmp_path / 'logs' / 'llcm_deen_history.jsonl').read_text().splitlines()
+    assert [json.loads(line)['epoch'] for line in history] == [0]  # the failed epoch adds no line
 
 
 class RunsCode:
