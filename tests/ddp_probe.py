@@ -1,8 +1,9 @@
 """Runs train.py under torchrun and records, per process and step, a hash of the weights after
 the optimiser step, the identities trained on, and the augmentation seed of every training sample
 fetched (which names its global batch); PROBE_SIGNAL="KILL@3" (or TERM@3) makes the process of
-rank PROBE_SIGNAL_RANK (default 0) send itself that signal during its 3rd step, in the first
-attempt of an elastic run only; PROBE_LATE_RANK="0" makes that rank join each restarted attempt
+rank PROBE_SIGNAL_RANK (default 0; "any": every process of the launcher) send itself that signal
+during its 3rd step, in the first attempt of an elastic run only, and "NODE@3" SIGKILLs its
+launcher (the torchrun agent, its parent) and then itself, as when a node dies; PROBE_LATE_RANK="0" makes that rank join each restarted attempt
 2 s after the others, as a process that starts slowly does. tests/test_distributed.py reads the
 records."""
 import hashlib
@@ -32,11 +33,19 @@ def planned_signal():
     """(signal, step number) that PROBE_SIGNAL asks of this process, or None."""
     wanted = os.environ.get('PROBE_SIGNAL')
     first_attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0'
-    this_rank = os.environ.get('RANK', '0') == os.environ.get('PROBE_SIGNAL_RANK', '0')
+    this_rank = os.environ.get('PROBE_SIGNAL_RANK', '0') in ('any', os.environ.get('RANK', '0'))
     if not (wanted and first_attempt and this_rank):
         return None
     name, step = wanted.split('@')
-    return getattr(signal, 'SIG' + name), int(step)
+    return (name if name == 'NODE' else getattr(signal, 'SIG' + name)), int(step)
+
+
+def send(planned):
+    """Send the planned signal to this process ('NODE': SIGKILL its launcher first)."""
+    if planned == 'NODE':
+        os.kill(os.getppid(), signal.SIGKILL)
+        planned = signal.SIGKILL
+    os.kill(os.getpid(), planned)
 
 
 def instrumented_init(records, original_init):
@@ -57,7 +66,7 @@ def instrumented_init(records, original_init):
                 records['plan'] = self.sampler.batch_plan(batches).tolist()
             records['ids'].append(sorted(set(labels.tolist())))
             if planned and len(records['ids']) == planned[1]:
-                os.kill(os.getpid(), planned[0])
+                send(planned[0])
             return criterion(output, labels)
 
         self.optimizer.step, self.criterion = recorded_step, recorded_criterion

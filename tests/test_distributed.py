@@ -1,15 +1,18 @@
 """Scale-out tests on CPU: two torchrun processes (gloo) train in lock-step on the batches of one
 plan, only rank 0 writes, the result tests; a worker SIGKILLed under torchrun --max-restarts is
-restarted and the run resumes by itself (--resume auto); a run stopped inside an epoch resumes on
+restarted and the run resumes by itself (--resume auto), and so does the group of two launchers
+one of which dies and is started again; a run stopped inside an epoch resumes on
 another process count and trains every planned batch exactly once; two launchers (two "nodes")
 build one training cache each in folders of their own, and refuse a checkpoint folder they do not
 share; bf16 autocast trains and tests."""
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,7 +40,7 @@ def torchrun_command(script_argv, nproc=2, nnodes=1, port=None, restarts=0, stat
     """A torchrun launch with c10d rendezvous on localhost, as on a cluster; static=True: the
     static rendezvous of one node (--master-addr / --master-port), as the README gives it."""
     port = port or free_port()
-    rendezvous = ([f'--master-addr=127.0.0.1', f'--master-port={port}'] if static else
+    rendezvous = (['--master-addr=127.0.0.1', f'--master-port={port}'] if static else
                   ['--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}'])
     return [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nnodes}',
             f'--nproc_per_node={nproc}', *rendezvous, f'--max-restarts={restarts}',
@@ -168,7 +171,51 @@ def killed_on_one_node(llcm_root, tmp_path_factory):
     return out, result, records
 
 
-@pytest.mark.parametrize('launch', ['killed_and_restarted', 'killed_on_one_node'])
+def wait_for_listener(port, process, timeout=120):
+    """Return once something accepts connections on 127.0.0.1:port (process must stay alive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        with socket.socket() as sock:
+            if sock.connect_ex(('127.0.0.1', port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f'nothing listens on port {port} after {timeout} s')
+
+
+@pytest.fixture(scope='module')
+def node_died_and_replaced(llcm_root, tmp_path_factory):
+    """The cluster command on two "nodes" (two launchers of one process each, --nnodes=2, c10d,
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, --max-restarts=1, --resume auto); node 0 hosts the
+    rendezvous. In its 4th step (inside epoch 1) node 1 dies: its launcher and its worker are
+    SIGKILLed. The same command started again on node 1, as a scheduler replaces a node, joins the
+    group that node 0 restarts (once torch's keep-alive has declared the dead node gone)."""
+    out = tmp_path_factory.mktemp('dead_node')
+    argv = train_argv('llcm', llcm_root, str(out), '--epochs', 2, '--max-steps', 2, '--resume', 'auto')
+    port = free_port()
+    env = dict(os.environ, PROBE_OUT=str(out), OMP_NUM_THREADS='1', TMPDIR=str(out),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    command = torchrun_command([PROBE, *argv], nproc=1, nnodes=2, port=port, restarts=1)
+
+    def launch(**extra):
+        return subprocess.Popen(command, cwd=REPO, env=dict(env, **extra), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    host = launch()
+    wait_for_listener(port, host)  # node 0's launcher holds the rendezvous store
+    dying = launch(PROBE_SIGNAL='NODE@4', PROBE_SIGNAL_RANK='any')
+    _, died = dying.communicate(timeout=300)
+    assert dying.returncode == -signal.SIGKILL, died[-3000:]
+    replaced = launch()
+    outputs = [process.communicate(timeout=300) for process in (host, replaced)]
+    result = subprocess.CompletedProcess(command, host.returncode or replaced.returncode,
+                                         stderr=''.join(err for _, err in outputs))
+    records = [json.load(open(out / f'probe_rank{rank}.json')) for rank in range(2)
+               if (out / f'probe_rank{rank}.json').exists()]
+    return out, result, records
+
+
+@pytest.mark.parametrize('launch', ['killed_and_restarted', 'killed_on_one_node',
+                                    'node_died_and_replaced'])
 def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(launch, request, ddp_run):
     out, result, records = request.getfixturevalue(launch)
     assert result.returncode == 0 and len(records) == 2, result.stderr[-3000:]
