@@ -20,6 +20,7 @@ import figures  # noqa: E402
 import gallery_index  # noqa: E402
 import onnx_export  # noqa: E402
 import paper_results  # noqa: E402
+import search  # noqa: E402
 import training  # noqa: E402
 import visualize  # noqa: E402
 from inference import FeatureStore  # noqa: E402
@@ -102,6 +103,20 @@ def comparison_file(path, version):
     paper_results.write_comparison(comparison, os.path.dirname(path))
 
 
+def search_file(path, version):
+    """search.py's search.json (and search.png) of one query matched with itself."""
+    folder = os.path.dirname(path)
+    image = os.path.join(folder, 'query.png')
+    Image.new('RGB', (16, 32), (version, 0, 0)).save(image)
+    args = argparse.Namespace(out=folder, resume=f'v{version}.pth', gallery=folder,
+                              query_modality='infrared', gallery_modality='visible',
+                              fusion='pool+feat', topk=1)
+    index = argparse.Namespace(paths=[image], index_file='index.npz', extracted=1, reused=0,
+                               removed=0, unreadable=[])
+    matches = [{'rank': 1, 'distance': -1.0, 'path': image}]
+    search.write_outputs([{'query': image, 'matches': matches}], args, index, [])
+
+
 def nothing_more(args):
     """The stand-in of a step after the temporary file is open: it writes nothing more."""
 
@@ -121,6 +136,9 @@ def reads_back(kind, path):
     if kind in ('figure_numbers', 'args'):
         with open(path) as handle:
             return json.load(handle)['version'] == 1
+    if kind == 'search':
+        with open(path) as handle:
+            return json.load(handle)['checkpoint'] == 'v1.pth'
     if kind == 'comparison':
         with open(path) as handle:
             return 'v1' in handle.read()
@@ -140,6 +158,7 @@ KINDS = {
     'figure_numbers': ('numbers.json', figure_numbers_file, (json, 'dump'), partial_json),
     'args': ('run_args.json', args_file, (json, 'dump'), partial_json),
     'onnx': ('model.onnx', onnx_file, (torch.onnx, 'export'), partial_to(2)),
+    'search': ('search.json', search_file, (json, 'dump'), partial_json),
     'comparison': ('llcm_deen_comparison.md', comparison_file,
                    (paper_results, 'comparison_markdown'), nothing_more),
 }
