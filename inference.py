@@ -28,6 +28,14 @@ SINGLE_FEATURES = {'pool': (1.0, 0.0), 'feat': (0.0, 1.0)}
 METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144), 'caj': (288, 144)}
 
 
+def fusion_weights(name):
+    """(w_pool, w_feat) of a FUSIONS or SINGLE_FEATURES name."""
+    known = {**FUSIONS, **SINGLE_FEATURES}
+    if name not in known:
+        raise UserError(f'fusion must be one of {", ".join(known)}, got {name!r}.')
+    return known[name]
+
+
 def method_fusions(method):
     """{name: (w_pool, w_feat)} of the fusions test.py reports for a method's checkpoints:
     FUSIONS, and for CAJ also SINGLE_FEATURES."""
@@ -369,10 +377,7 @@ def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None
     """(order, distances), each [Q, k]: for every query the gallery rows nearest first (ties in
     gallery order) and their fused distances under a FUSIONS or SINGLE_FEATURES name; k = topk,
     or all rows."""
-    known = {**FUSIONS, **SINGLE_FEATURES}
-    if fusion not in known:
-        raise UserError(f'fusion must be one of {", ".join(known)}, got {fusion!r}.')
     distances = fused_distance(query_features, gallery_features.to(query_features.device),
-                               known[fusion])
+                               fusion_weights(fusion))
     distances, order = distances.sort(dim=1, stable=True)
     return order[:, :topk], distances[:, :topk]

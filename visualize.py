@@ -14,8 +14,8 @@ from checks import (check_data_folder, check_device_flags, check_images_exist, c
                     check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
-from inference import (FUSIONS, FeatureStore, extract_features, inference_model,
-                       load_trained_model)
+from inference import (FUSIONS, SINGLE_FEATURES, FeatureStore, extract_features, fusion_weights,
+                       inference_model, load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
 
@@ -47,8 +47,9 @@ def build_parser():
     data.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default: '
                       'all), or the checkpoint\'s RegDB split N (default: 1); rank lists use the '
                       'first')
-    data.add_argument('--fusion', default='pool+feat', choices=tuple(FUSIONS),
-                      help='the fused distance of the rank lists, distances and CMC')
+    data.add_argument('--fusion', default='pool+feat', choices=(*FUSIONS, *SINGLE_FEATURES),
+                      help='the fused distance of the rank lists, distances and CMC; pool or '
+                      'feat: that feature alone, re-normalised (CAJ\'s own columns)')
     plots = parser.add_argument_group('figures')
     plots.add_argument('--ids', type=int, nargs='+', help='t-SNE: these test identities '
                        '(default: --num-ids chosen at random)')
@@ -240,7 +241,7 @@ def plot_tsne(args, test_set, ids):
 
 
 def plot_distances(args, test_set):
-    numbers = figures.pair_distance_statistics(test_set.own_store, FUSIONS[args.fusion])
+    numbers = figures.pair_distance_statistics(test_set.own_store, fusion_weights(args.fusion))
     numbers['fusion'] = args.fusion
     written = write(args.out, 'distances', numbers, figures.draw_distances)
     overlap = ', '.join(f'{group} {figures.percent(value)}'
@@ -263,7 +264,7 @@ def plot_rank_lists(args, test_set, chosen_queries):
         numbers = {'setting': name, 'trial': test_set.trials[0], 'fusion': args.fusion,
                    'matching': test_set.matching, 'gallery_size': len(gallery), 'topk': args.topk,
                    'rows': figures.rank_list_numbers(test_set.store, query, gallery,
-                                                     test_set.matching, FUSIONS[args.fusion],
+                                                     test_set.matching, fusion_weights(args.fusion),
                                                      rows, args.topk)}
         title = (f'{args.dataset} {name}, gallery trial {test_set.trials[0]}: top {args.topk} of '
                  f'{len(gallery)} ({args.fusion}; green right id, red wrong)')
@@ -273,7 +274,7 @@ def plot_rank_lists(args, test_set, chosen_queries):
 
 
 def plot_cmc(args, test_set):
-    fusion = {args.fusion: FUSIONS[args.fusion]}
+    fusion = {args.fusion: fusion_weights(args.fusion)}
     results = evaluate_store(test_set.store, test_set.layout, test_set.splits, fusion)
     numbers = figures.cmc_numbers(results, test_set.trials, args.fusion)
     summary = ', '.join(f'{name} Rank-1 {100 * curve["mean"][0]:.2f}%'

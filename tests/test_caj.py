@@ -11,6 +11,7 @@ import torch
 
 import test as test_script
 import training
+import visualize
 from data_loader import (CHANNEL_ERASING_FILL, ChannelAdaptiveGray, ChannelExchange,
                          ChannelRandomErasing, CrossModalTrainSet, training_views)
 from loss import (ADP_CLAMP, DEENCriterion, adp_triplet_loss, build_criterion,
@@ -345,6 +346,29 @@ def test_caj_checkpoint_reports_pooled_and_bnneck_numbers(llcm_root, tmp_path):
     for by_fusion in record['results'].values():
         assert set(by_fusion) == {'pool+feat', '0.1pool+0.9feat', 'pool', 'feat'}
     assert set(record['protocol']['fusions']) == {'pool+feat', '0.1pool+0.9feat', 'pool', 'feat'}
+
+
+def test_visualize_draws_caj_own_columns_with_test_py_numbers(llcm_root, tmp_path):
+    """visualize.py --fusion pool|feat: the CMC of one feature alone is test.py's column of it,
+    and the distance histogram spans a cosine's range."""
+    checkpoint, results, features = (tmp_path / name for name in
+                                     ('caj.pth', 'results.json', 'features.pt'))
+    seeded_checkpoint(checkpoint, 'llcm', num_classes=6, method='caj')
+    assert test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',
+                             str(checkpoint), '--device', 'cpu', '--workers', '0', '--output',
+                             str(results), '--save-features', str(features)]) == 0
+    reported = json.loads(results.read_text())['results']
+    for fusion in ('pool', 'feat'):
+        out = tmp_path / fusion
+        assert visualize.main(['--dataset', 'llcm', '--features', str(features), '--out',
+                               str(out), '--fusion', fusion, 'cmc', 'distances']) == 0
+        cmc = json.loads((out / 'cmc.json').read_text())
+        for setting, curve in cmc.items():
+            assert curve['mean'][0] == pytest.approx(reported[setting][fusion]['Rank-1'][0], abs=1e-9)
+            assert np.mean(curve['mAP']) == pytest.approx(reported[setting][fusion]['mAP'][0])
+        distances = json.loads((out / 'distances.json').read_text())
+        edges = distances['bin_edges']
+        assert distances['fusion'] == fusion and (edges[0], edges[-1]) == (-1.0, 1.0)
 
 
 def test_rank_gallery_ranks_by_pooled_or_bnneck_features_alone():
