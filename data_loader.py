@@ -317,12 +317,10 @@ class CrossModalTrainSet(torch.utils.data.Dataset):
     augmentation draws come from torch's CPU generator seeded with `seed` (the sampler's), views
     drawn in order, and the generator's state is restored afterwards: a sample is the same in
     any worker or in the main process, and the training process's own random stream is never
-    touched. `views`: a list of View, or one transform for the two views [visible, infrared]."""
+    touched. `views`: a list of View (training_views)."""
 
     def __init__(self, visible, infrared, views):
         self.caches = {'visible': visible, 'infrared': infrared}
-        if callable(views):
-            views = [View('visible', 'visible', views), View('infrared', 'infrared', views)]
         self.views = list(views)
 
     def __len__(self):

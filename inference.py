@@ -25,21 +25,21 @@ FEATURES_FORMAT = 'deen-vireid-features'
 FUSIONS = {'pool+feat': (1.0, 1.0), '0.1pool+0.9feat': (0.1, 0.9)}
 # CAJ reports its pooled and its BNNeck features alone as well.
 SINGLE_FEATURES = {'pool': (1.0, 0.0), 'feat': (0.0, 1.0)}
+ALL_FUSIONS = {**FUSIONS, **SINGLE_FEATURES}
 METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144), 'caj': (288, 144)}
 
 
 def fusion_weights(name):
     """(w_pool, w_feat) of a FUSIONS or SINGLE_FEATURES name."""
-    known = {**FUSIONS, **SINGLE_FEATURES}
-    if name not in known:
-        raise UserError(f'fusion must be one of {", ".join(known)}, got {name!r}.')
-    return known[name]
+    if name not in ALL_FUSIONS:
+        raise UserError(f'fusion must be one of {", ".join(ALL_FUSIONS)}, got {name!r}.')
+    return ALL_FUSIONS[name]
 
 
 def method_fusions(method):
     """{name: (w_pool, w_feat)} of the fusions test.py reports for a method's checkpoints:
     FUSIONS, and for CAJ also SINGLE_FEATURES."""
-    return {**FUSIONS, **SINGLE_FEATURES} if method == 'caj' else dict(FUSIONS)
+    return dict(ALL_FUSIONS if method == 'caj' else FUSIONS)
 
 
 # ----------------------------------------------------------------------------------------------

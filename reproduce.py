@@ -16,7 +16,7 @@ import figures
 import training
 from data_manager import DATASETS, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
-from inference import FUSIONS, SINGLE_FEATURES
+from inference import ALL_FUSIONS, FUSIONS, SINGLE_FEATURES
 from paper_results import (ABLATION_SETTINGS, ABLATION_TABLE_DATASETS, ABLATION_TABLES,
                            SWEEP_CHOICES, ablation_markdown, ablation_numbers, ablation_published,
                            compare, comparison_markdown, write_comparison)
@@ -53,7 +53,7 @@ def build_parser():
                        help='the row to reproduce: a method\'s released recipe (deen, agw, caj), '
                        'or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; agw is '
                        'its AGW*)')
-    table.add_argument('--fusion', default='pool+feat', choices=(*FUSIONS, *SINGLE_FEATURES),
+    table.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
                        help='the fusion compared with the published numbers (pool, feat: the '
                        'pooled or BNNeck feature alone, which test.py reports for CAJ)')
     runs = parser.add_argument_group('runs')

@@ -8,7 +8,7 @@ import figures
 from checks import check_device_flags, check_integer, check_output_folder, check_runtime_flags
 from data_manager import MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
-from inference import (FUSIONS, IMAGE_EXTENSIONS, SINGLE_FEATURES, ReIDModel,
+from inference import (ALL_FUSIONS, IMAGE_EXTENSIONS, ReIDModel,
                        add_checkpoint_args, image_files, image_paths, rank_gallery)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
@@ -36,7 +36,7 @@ def build_parser():
     images.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
                         f'<gallery>/{DEFAULT_INDEX_FOLDER})')
     ranking = parser.add_argument_group('ranking and output')
-    ranking.add_argument('--fusion', default='pool+feat', choices=(*FUSIONS, *SINGLE_FEATURES),
+    ranking.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
                          help='the fused distance of test.py to rank by (pool, feat: one feature '
                          'alone, re-normalised, as CAJ tests)')
     ranking.add_argument('--topk', type=int, default=10, help='gallery images shown per query')

@@ -474,8 +474,8 @@ def written_atomically(path):
     """Yield a temporary path in path's folder to write the whole file into; when the block ends
     normally it replaces path (a rename: readers see the old file or the new one, never half of
     one), and when it fails (an error, an interrupt) it is removed and path is left as it was.
-    Every derived file but the checkpoints (save_checkpoint, which also fsyncs and names a
-    failure) is written through it."""
+    Every derived file is written through it (save_checkpoint also fsyncs and names a
+    failure)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -484,7 +484,7 @@ def written_atomically(path):
         yield tmp
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # none written, or a folder that refuses even that
             os.remove(tmp)
 
 
@@ -496,27 +496,21 @@ def save_checkpoint(state, path):
     temporary file removed."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         os.makedirs(folder, exist_ok=True)
         for stale in glob.glob(os.path.join(folder, f'.{glob.escape(os.path.basename(path))}.tmp*')):
             os.remove(stale)  # left by a process killed mid-save
-        with open(tmp, 'wb') as handle:
+        # a failure removes the temporary file before the handler below measures the free space
+        with written_atomically(path) as tmp, open(tmp, 'wb') as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # first: the free space reported is what the folder has without it
         if isinstance(error, RuntimeError) and not any(m in str(error) for m in TORCH_WRITE_FAILURES):
             raise
         kept = 'the previous file is unchanged' if os.path.isfile(path) else 'nothing was written'
         reason = storage_problem(folder, error, checkpoint_bytes(state), 'the checkpoint')
         raise CheckpointWriteError(f'cannot write checkpoint {path}: {reason}; {kept}.') from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -14,7 +14,7 @@ from checks import (check_data_folder, check_device_flags, check_images_exist, c
                     check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
-from inference import (FUSIONS, SINGLE_FEATURES, FeatureStore, extract_features, fusion_weights,
+from inference import (ALL_FUSIONS, FeatureStore, extract_features, fusion_weights,
                        inference_model, load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
@@ -47,7 +47,7 @@ def build_parser():
     data.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default: '
                       'all), or the checkpoint\'s RegDB split N (default: 1); rank lists use the '
                       'first')
-    data.add_argument('--fusion', default='pool+feat', choices=(*FUSIONS, *SINGLE_FEATURES),
+    data.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
                       help='the fused distance of the rank lists, distances and CMC; pool or '
                       'feat: that feature alone, re-normalised (CAJ\'s own columns)')
     plots = parser.add_argument_group('figures')

@@ -12,7 +12,7 @@ sys.path.insert(0, REPO)
 from checks import check_images_decode  # noqa: E402
 from data_loader import read_image  # noqa: E402
 from data_manager import train_image_lists  # noqa: E402
-from tools.synthetic_data import make_llcm  # noqa: E402
+from tools.synthetic_data import add_llcm_sized_args, llcm_sized_folder  # noqa: E402
 
 
 def seconds(work):
@@ -24,12 +24,7 @@ def seconds(work):
 def build_parser():
     """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--data-path',
-                        help='an existing LLCM-layout folder (default: generate one)')
-    parser.add_argument('--train-ids', type=int, default=680,
-                        help='training identities of the synthetic folder')
-    parser.add_argument('--images-per-camera', type=int, default=9,
-                        help='images per identity and camera')
+    add_llcm_sized_args(parser)
     parser.add_argument('--width', type=int, default=64, help='generated image width')
     parser.add_argument('--height', type=int, default=128, help='generated image height')
     return parser
@@ -38,12 +33,7 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        data_path = args.data_path
-        if data_path is None:
-            data_path = os.path.join(scratch, 'llcm')
-            make_llcm(data_path, num_train_ids=args.train_ids, num_test_ids=10,
-                      images_per_camera=args.images_per_camera, size=(args.width, args.height),
-                      seed=1)
+        data_path = llcm_sized_folder(args, scratch, (args.width, args.height))
         lists = list(train_image_lists('llcm', data_path).values())
         count = sum(len(image_list) for image_list in lists)
         check = seconds(lambda: check_images_decode(lists, 'training'))

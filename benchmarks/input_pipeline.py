@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_loader import CrossModalTrainSet, train_transform  # noqa: E402
+from data_loader import CrossModalTrainSet, training_views  # noqa: E402
 from utils import IdentitySampler  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         caches = [synthetic_cache(folder, args.images, args.img_h, args.img_w, 100, s) for s in (0, 1)]
-        dataset = CrossModalTrainSet(*caches, train_transform(args.img_h, args.img_w))
+        dataset = CrossModalTrainSet(*caches, training_views(args.img_h, args.img_w))
         sampler = IdentitySampler(caches[0][1], caches[1][1], num_ids=6, num_pos=4)
         print(f'input pipeline, {args.img_h}x{args.img_w}, batch 6x4x2, {os.cpu_count()} CPU cores')
         print(f'{"workers":>8} {"images/s":>10} {"per worker":>11}')

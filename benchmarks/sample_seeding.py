@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_loader import CrossModalTrainSet, train_transform  # noqa: E402
+from data_loader import CrossModalTrainSet, training_views  # noqa: E402
 
 
 def microseconds_per_sample(draw, count):
@@ -39,7 +39,7 @@ def main():
     images = rng.integers(0, 256, size=(64, args.img_h, args.img_w, 3), dtype=np.uint8)
     labels = np.arange(64) % 8
     dataset = CrossModalTrainSet((images, labels), (images, labels),
-                                 train_transform(args.img_h, args.img_w))
+                                 training_views(args.img_h, args.img_w))
 
     def seeded(index):
         return dataset[(index % 64, (index * 7) % 64, index)]

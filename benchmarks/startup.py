@@ -10,7 +10,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from data_manager import train_image_lists  # noqa: E402
-from tools.synthetic_data import make_llcm  # noqa: E402
+from tools.synthetic_data import add_llcm_sized_args, llcm_sized_folder  # noqa: E402
 
 
 def time_first_step(data_path, out, workers):
@@ -29,11 +29,7 @@ def time_first_step(data_path, out, workers):
 def build_parser():
     """The flags of this benchmark (its --help)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--data-path', help='an existing LLCM-layout folder (default: generate one)')
-    parser.add_argument('--train-ids', type=int, default=680,
-                        help='training identities of the synthetic folder')
-    parser.add_argument('--images-per-camera', type=int, default=9,
-                        help='images per identity and camera')
+    add_llcm_sized_args(parser)
     parser.add_argument('--workers', type=int, default=2, help='data-loading processes to compare')
     return parser
 
@@ -41,13 +37,7 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        data_path = args.data_path
-        if data_path is None:
-            data_path = os.path.join(scratch, 'llcm')
-            start = time.perf_counter()
-            summary = make_llcm(data_path, num_train_ids=args.train_ids, num_test_ids=10,
-                                images_per_camera=args.images_per_camera, size=(64, 128), seed=1)
-            print(f'generated {summary["counts"]} in {time.perf_counter() - start:.1f} s')
+        data_path = llcm_sized_folder(args, scratch, (64, 128))
         count = sum(len(images) for images in train_image_lists('llcm', data_path).values())
         cold, cold_decoded = time_first_step(data_path, scratch, args.workers)
         warm, warm_decoded = time_first_step(data_path, scratch, args.workers)

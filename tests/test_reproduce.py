@@ -25,6 +25,7 @@ from data_manager import DATASET_FACTS, DIRECTION_PLANS, dataset_facts, query_ga
 from inference import embed_images, extract_features
 from model import build_model, released_state_dict
 from tiny_runs import REPO, TINY
+from utils import load_checkpoint
 
 # Tiny trainings: one epoch of two steps, evaluated at its end.
 FAST = [*TINY, '--epochs', '1', '--max-steps', '2', '--eval-every', '1']
@@ -101,8 +102,8 @@ def test_results_files_and_checkpoints_record_how_they_were_made(demo_run):
     assert len(made['code']['git_commit']) == 40 and isinstance(made['code']['git_modified'], bool)
     (model,) = record['models']
     assert model['seed'] == 1 and model['provenance']['seed'] == 1
-    checkpoint = torch.load(out / 'demo_deen' / 'seed1' / 'save_model' / 'demo_deen_best.pth',
-                            weights_only=True)
+    checkpoint = load_checkpoint(str(out / 'demo_deen' / 'seed1' / 'save_model' /
+                                     'demo_deen_best.pth'))
     assert PROVENANCE_FIELDS <= set(checkpoint['provenance'])
     assert checkpoint['provenance']['seed'] == 1
     assert record['protocol']['trials'] == list(range(10))

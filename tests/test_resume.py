@@ -84,7 +84,7 @@ def test_samples_depend_on_their_seed_only_and_leave_the_process_rng_alone(llcm_
     lists = train_image_lists('llcm', str(llcm_root))
     caches = [data_loader.load_or_build_cache(lists[m], str(tmp_path), (32, 64), 1, False)
               for m in ('visible', 'infrared')]
-    dataset = data_loader.CrossModalTrainSet(*caches, data_loader.train_transform(64, 32, (0.02, 0.4), 0.5, 2))
+    dataset = data_loader.CrossModalTrainSet(*caches, data_loader.training_views(64, 32, (0.02, 0.4), 0.5, 2))
     torch.manual_seed(1)
     before = torch.get_rng_state()
     first = dataset[(3, 4, 12345)]

@@ -3,8 +3,10 @@ and the renderer of their drawn people: used by the tests and by `train.py --dat
 import colorsys
 import itertools
 import math
+import os
 import pathlib
 import shutil
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -614,3 +616,29 @@ def make_demo_dataset(root):
     summary = make_llcm(root, **DEMO_CONFIG)
     marker.write_text(f"{DEMO_CONFIG}\nimages: {summary['counts']}\n")
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# An LLCM-sized folder for the benchmarks that time work on the whole training set
+
+def add_llcm_sized_args(parser):
+    """--data-path, --train-ids and --images-per-camera: the folder a benchmark runs on."""
+    parser.add_argument('--data-path',
+                        help='an existing LLCM-layout folder (default: generate one)')
+    parser.add_argument('--train-ids', type=int, default=680,
+                        help='training identities of the synthetic folder')
+    parser.add_argument('--images-per-camera', type=int, default=9,
+                        help='images per identity and camera')
+
+
+def llcm_sized_folder(args, scratch, size):
+    """args.data_path, or an LLCM-layout folder of args' size generated under scratch with images
+    of size=(w, h) (its counts and generation time printed)."""
+    if args.data_path is not None:
+        return args.data_path
+    data_path = os.path.join(scratch, 'llcm')
+    start = time.perf_counter()
+    summary = make_llcm(data_path, num_train_ids=args.train_ids, num_test_ids=10,
+                        images_per_camera=args.images_per_camera, size=size, seed=1)
+    print(f'generated {summary["counts"]} in {time.perf_counter() - start:.1f} s')
+    return data_path
