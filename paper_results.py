@@ -1,4 +1,4 @@
-"""The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table
+"""The published numbers of DEEN, AGW (with and without random erasing), CAJ and DDAG, in one table
 with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 
@@ -38,6 +38,14 @@ SOURCES = {
                   '26bc0ce088eb97867ff489dceda386b8092b9fde/ICCV21_CAJ/README.md; SYSU-MM01 '
                   'all-search; RegDB: the README names no direction, its testa.py tests visible '
                   'queries against the thermal gallery by default (vis_to_ir)',
+    'ddag-readme': 'Ye et al., "Dynamic Dual-Attentive Aggregation Learning for Visible-Infrared '
+                   'Person Re-Identification", ECCV 2020, released code README (results table, '
+                   'values marked "~"), https://github.com/mangye16/DDAG/blob/'
+                   '554852291bc3d6e30256ff538c52c64744759f12/README.md; SYSU-MM01 all-search and '
+                   'indoor-search, IR->VIS (the released test_ddag.py); no RegDB numbers',
+    'readme-ddag': 'DEEN released code README, section 4 "Results", DDAG row (LLCM re-run by the '
+                   'DEEN authors, settings not published), '
+                   + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -74,6 +82,14 @@ PUBLISHED = {
     ('caj', 'llcm', 'released_vis_to_ir'): {
         'readme-caj': {'Rank-1': 63.73, 'Rank-10': 87.95, 'Rank-20': 92.41, 'mAP': 47.71}},
     ('caj', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 56.5, 'mAP': 59.8}},
+    ('ddag', 'sysu', 'all ir_to_vis'): {
+        'ddag-readme': {'Rank-1': 54.75, 'mAP': 53.02, 'mINP': 39.62}},
+    ('ddag', 'sysu', 'indoor ir_to_vis'): {
+        'ddag-readme': {'Rank-1': 61.02, 'mAP': 67.98, 'mINP': 62.61}},
+    ('ddag', 'llcm', 'ir_to_vis'): {
+        'readme-ddag': {'Rank-1': 42.36, 'Rank-10': 72.69, 'Rank-20': 80.63, 'mAP': 48.97}},
+    ('ddag', 'llcm', 'released_vis_to_ir'): {
+        'readme-ddag': {'Rank-1': 51.42, 'Rank-10': 81.45, 'Rank-20': 88.26, 'mAP': 38.77}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',
