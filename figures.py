@@ -554,3 +554,34 @@ def draw_sweep(numbers, out_path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(figure, out_path)
+
+
+BENCHMARK_COLOURS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#9467bd')  # ours, then each published source
+
+
+def draw_benchmark(numbers, out_path):
+    """A benchmark table (reproduce.py --table benchmark) as horizontal grouped bars: one panel
+    per entry of numbers['panels'] ({title, methods, series: {name: [value in % or None]}}),
+    one group per method (labelled as given), one bar per series (ours first); a missing value
+    (None) is left out."""
+    panels = numbers['panels']
+    figure, axes = _panels(len(panels))
+    for ax, panel in zip(axes, panels):
+        methods, series = panel['methods'], panel['series']
+        height = 0.8 / max(1, len(series))
+        positions = np.arange(len(methods))[::-1]
+        for number, (name, values) in enumerate(series.items()):
+            shown = [(y - number * height, v) for y, v in zip(positions, values) if v is not None]
+            if shown:
+                ys, vs = zip(*shown)
+                bars = ax.barh(ys, vs, height=height, label=name,
+                               color=BENCHMARK_COLOURS[number % len(BENCHMARK_COLOURS)])
+                ax.bar_label(bars, fmt='%.1f', fontsize=6, padding=2)
+        ax.set_yticks(positions - (len(series) - 1) * height / 2)
+        ax.set_yticklabels(methods, fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel('%')
+        ax.set_title(panel['title'], fontsize=10)
+        ax.grid(axis='x', alpha=0.3)
+        ax.legend(fontsize=7, loc='best')
+    return _save(figure, out_path)
