@@ -56,14 +56,15 @@ class PartAttention(nn.Module):
 
     def forward(self, x, feat):
         """x [N, C, H, W] the layer4 map, feat [N, C] the BNNeck feature -> [N, C]."""
-        parts = part_pool(x.float(), self.parts)[..., None]         # [N, C, P, 1]
+        parts = part_pool(x, self.parts)[..., None]                 # [N, C, P, 1]
         query = self.fc1(parts).flatten(2).transpose(1, 2)          # [N, P, C]
         key = self.fc2(parts).flatten(2)                            # [N, C, P]
         value = self.fc3(parts).flatten(2).transpose(1, 2)          # [N, P, C]
         graph = torch.softmax(query @ key, dim=-1)                  # [N, P, P]
-        refined = (graph @ value).transpose(1, 2)                   # [N, C, P]
-        weighted = refined @ torch.softmax(self.gate, dim=0).to(refined.dtype)  # [N, C]
-        return self.bottleneck(weighted + feat)
+        refined = graph @ value                                     # [N, P, C]
+        weights = torch.softmax(self.gate, dim=0).to(refined.dtype)
+        weighted = (weights[:, None] * refined).sum(1)              # [N, C]
+        return self.bottleneck(weighted.to(feat.dtype) + feat)
 
 
 # ----------------------------------------------------------------------------------------------
