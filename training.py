@@ -218,11 +218,13 @@ def learning_rate(base_lr, epoch, warmup, steps):
     return base_lr * 0.1 ** sum(epoch >= step for step in steps)
 
 
-def build_optimizer(model, base_lr, optim='sgd', pretrained=True):
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): BNNeck and classifier at lr, the
-    rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
+def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
+                    head_prefixes=('bottleneck.', 'classifier.')):
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (the parameters whose
+    names start with one of head_prefixes, the method's: BNNeck and classifier by default) at lr,
+    the rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
-            if name.startswith(('bottleneck.', 'classifier.')) and p.requires_grad]
+            if name.startswith(tuple(head_prefixes)) and p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
@@ -287,9 +289,13 @@ class Trainer:
         if ctx.enabled and args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
+        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained),
+                                         method.head_prefixes)
+        self.method = method
         self.views = method.training_views(args)
         self.criterion = build_criterion(args, self.views)
+        if isinstance(self.criterion, torch.nn.Module):  # its state (buffers) lives on the device
+            self.criterion.to(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -370,6 +376,8 @@ class Trainer:
         load_model_weights(self.model, state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
+        if state.get('criterion') is not None:  # per-epoch state of the loss (DDAG's w_G)
+            self.criterion.load_state_dict(state['criterion'])
         self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
         self.start_epoch = state['epoch'] + (state['step'] == 0)
         if state['step']:  # an interrupted epoch: continued once the sampler exists
@@ -444,6 +452,7 @@ class Trainer:
             'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
+            'criterion': criterion_state(self.criterion),
             'sampler': self.sampler.state_dict(*position),
             'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
             'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
@@ -489,6 +498,8 @@ class Trainer:
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
             losses, train_seconds = self._train_epoch(epoch, start_batch, stop)
+            if hasattr(self.criterion, 'end_epoch'):  # before `last` is written
+                self.criterion.end_epoch(epoch)
             record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
             if self._evaluation_due(epoch):
                 # saved before it is evaluated: an evaluation that fails costs no training
@@ -553,7 +564,8 @@ class Trainer:
                 infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
                 with autocast_context(device, args.amp):
-                    loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
+                    out = self.method.forward_train(self.train_model, visible, infrared, labels)
+                    loss, parts = self.criterion(out, labels)
                 values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
                                                                  for v in parts.values()] +
                                       [torch.tensor(float(stop.requested), device=device)])
@@ -633,6 +645,14 @@ class Trainer:
                 if isinstance(value, float):
                     self.writer.add_scalar(f'test/{name}', value, epoch)
             self.writer.flush()
+
+
+def criterion_state(criterion):
+    """What a checkpoint holds of the criterion: an nn.Module's state_dict when it has one (the
+    per-epoch state of its loss), else None."""
+    if isinstance(criterion, torch.nn.Module):
+        return criterion.state_dict() or None
+    return None
 
 
 def build_criterion(args, views):

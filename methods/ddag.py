@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import batch_hard_triplet_loss, full_precision, identity_loss, same_identity
+from methods.base import AGW_SCHEDULE, Method
 from model import TwoStreamNet, average_pool, make_bnneck
 
 PARTS = 3            # train_ddag.py:53 --part 3 (README:39)
@@ -204,3 +205,36 @@ class DDAGCriterion(nn.Module):
             self.graph_weight.fill_(1.0 / (1.0 + totals[0] / totals[1]))
         self.loss_sum.zero_()
         self.loss_count.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+class DDAGMethod(Method):
+    name, title = 'ddag', 'DDAG'
+    summary = ('Two-stream ResNet-50 with average pooling and BNNeck, a part attention (IWPA) whose '
+               'feature is tested, and a graph attention over the batch in training only.')
+    # mangye16/DDAG train_ddag.py: lr 0.1 (:26), warm-up 10 and x0.1 at 20 and 50 (:249-263), pad
+    # 10 then crop and flip, no erasing or grayscale (:132-139), P=8 (:49) K=4 (:61), 288x144
+    # (:45-48), 81 epochs (:419).
+    recipe = dict(**AGW_SCHEDULE, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
+                  grayscale=0.0, erasing=None)
+    # train_ddag.py:216-238: BNNeck, classifier, IWPA and the graph heads at the base lr.
+    head_prefixes = ('bottleneck.', 'classifier.', 'part_attention.', 'graph_attention.')
+    # The released test reports the BNNeck feature ("FC") and the IWPA feature ("FC_att") each
+    # alone and selects on the latter (train_ddag.py:460).
+    feature_kinds = ('feat', 'att')
+    fusions = {'feat': (1.0, 0.0), 'att': (0.0, 1.0)}
+    headline = 'att'
+
+    def build_network(self, num_classes, dataset, arch='resnet50', settings=None):
+        return DDAG(num_classes, arch=arch)
+
+    def build_criterion(self, args, views):
+        return DDAGCriterion(margin=args.margin)
+
+    def forward_train(self, model, visible, infrared, labels):
+        return model(visible=visible, infrared=infrared, labels=labels)
+
+
+DDAG_METHOD = DDAGMethod()
