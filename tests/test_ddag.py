@@ -1,14 +1,35 @@
 """DDAG (methods/ddag.py): each module against a direct transcription of its formula on small
 inputs (the part pooling, IWPA, the graph attention layer with its masking, CGSA, the adjacency),
-the network's two modes, and the criterion's w_G across epochs and across a save/load."""
+the network's two modes, the criterion's w_G across epochs and across a save/load; then DDAG as a
+method: its recipe and parameter groups, a refused foreign flag, exact resume inside an epoch
+(w_G included), training and test.py on every dataset, visualize.py, search.py, the Python API,
+export.py, a step of the demo recipe and reproduce.py's dry run."""
+import contextlib
+import io
+import json
 import math
+import os
+import signal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.ddag import (DDAG, DDAGCriterion, DDAGOutput, GraphAttention, GraphAttentionLayer,
-                          PartAttention, identity_graph, part_pool)
+import export
+import onnx_export
+import reproduce
+import search
+import test as test_script
+import training
+import visualize
+from data_manager import query_gallery
+from inference import ReIDModel, fused_distance, load_trained_model, rank_gallery
+from methods import find_fusion
+from methods.ddag import (DDAG, DDAG_METHOD, DDAGCriterion, DDAGOutput, GraphAttention,
+                          GraphAttentionLayer, PartAttention, identity_graph, part_pool)
+from tiny_runs import train_argv
+from utils import UserError, load_checkpoint, run_main
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -215,3 +236,180 @@ def test_graph_weight_resumes_exactly_from_a_mid_epoch_state(tmp_path):
         resumed(out, LABELS[4])
     resumed.end_epoch(1)
     assert float(resumed.graph_weight) == float(uninterrupted.graph_weight) != 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# DDAG as a method: recipe, training on every dataset, exact resume, every tool
+
+def test_recipe_is_the_released_one_and_the_heads_train_at_the_base_lr():
+    args = training.parse_args(['--method', 'ddag'])
+    assert (args.img_h, args.img_w, args.batch_size, args.num_pos) == (288, 144, 8, 4)
+    assert (args.lr, args.warmup, tuple(args.lr_steps), args.epochs) == (0.1, 10, (20, 50), 81)
+    assert (args.erasing, args.grayscale, args.pad, args.margin) == (None, 0.0, 10, 0.3)
+    demo = training.parse_args(['--method', 'ddag', '--dataset', 'demo'])
+    assert (demo.arch, demo.img_h, demo.img_w) == ('resnet18', 64, 32)
+    model = DDAG(num_classes=3, arch='resnet18')
+    body, head = training.build_optimizer(model, 0.1, pretrained=True,
+                                          head_prefixes=DDAG_METHOD.head_prefixes).param_groups
+    head_names = {name for name, p in model.named_parameters() if any(p is q for q in head['params'])}
+    assert (body['lr_scale'], head['lr_scale']) == (0.1, 1.0)
+    assert {name.split('.')[0] for name in head_names} == {
+        'bottleneck', 'classifier', 'part_attention', 'graph_attention'}
+    assert not any(name.startswith(('trunk.', 'visible_stem.')) for name in head_names)
+
+
+def test_another_methods_flag_is_refused_in_one_sentence():
+    with pytest.raises(UserError) as error:
+        training.parse_args(['--method', 'ddag', '--dee-stage', '2'])
+    message = str(error.value)
+    assert '--dee-stage' in message and 'ddag' in message and message.count('. ') == 0
+
+
+def ddag_run(root, out, dataset='llcm', *extra):
+    return train_argv(dataset, root, str(out), '--method', 'ddag', *extra)
+
+
+def interrupt_at_forward(monkeypatch, call):
+    """SIGTERM to this process during DDAG's `call`-th training forward (1-based)."""
+    original, calls = DDAG_METHOD.forward_train, []
+
+    def forward(model, visible, infrared, labels):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, visible, infrared, labels)
+    monkeypatch.setattr(DDAG_METHOD, 'forward_train', forward)
+
+
+RUN = ['--epochs', 2, '--max-steps', 3, '--eval-every', 0]
+
+
+@pytest.fixture(scope='module')
+def straight_run(llcm_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddag_straight')
+    assert training.main(ddag_run(llcm_root, out, 'llcm', *RUN)) == 0
+    return out
+
+
+def last_state(out):
+    return load_checkpoint(str(out / 'models' / 'llcm_ddag_last.pth'))
+
+
+@pytest.mark.parametrize('call', [2, 5])  # inside epoch 0 (w_G 0), inside epoch 1 (w_G set)
+def test_resume_inside_an_epoch_gives_the_uninterrupted_weights_and_graph_weight(
+        straight_run, llcm_root, tmp_path, monkeypatch, call):
+    argv = ddag_run(llcm_root, tmp_path, 'llcm', *RUN)
+    with monkeypatch.context() as patch:
+        interrupt_at_forward(patch, call)
+        assert training.main(argv) == 130
+    stopped = last_state(tmp_path)
+    assert (stopped['epoch'], stopped['step']) == ((call - 1) // 3, (call - 1) % 3 + 1)
+    assert float(stopped['criterion']['loss_count']) > 0  # the epoch's running sum is saved
+    assert training.main(argv + ['--resume', 'last']) == 0
+    expected, actual = last_state(straight_run), last_state(tmp_path)
+    assert all(torch.equal(expected['model'][k], actual['model'][k]) for k in expected['model'])
+    for key, value in expected['criterion'].items():
+        assert torch.equal(value, actual['criterion'][key]), key
+    weight = float(expected['criterion']['graph_weight'])
+    assert 0.0 < weight < 1.0  # set after epoch 0, updated after epoch 1
+
+
+@pytest.fixture(scope='module')
+def checkpoints(llcm_root, sysu_root, regdb_root, straight_run, tmp_path_factory):
+    """{dataset: a DDAG checkpoint trained 2 steps there} (LLCM: the straight run's)."""
+    found = {'llcm': straight_run / 'models' / 'llcm_ddag_last.pth'}
+    for dataset, root, extra in (('sysu', sysu_root, []), ('regdb', regdb_root, ['--trial', 2])):
+        out = tmp_path_factory.mktemp(f'ddag_{dataset}')
+        assert training.main(ddag_run(root, out, dataset, '--epochs', 1, '--max-steps', 2,
+                                      '--eval-every', 0, *extra)) == 0
+        found[dataset] = out / 'models' / f'{dataset}_ddag{"_trial2" if extra else ""}_best.pth'
+    return found
+
+
+@pytest.mark.parametrize('dataset, settings', [
+    ('llcm', {'ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'}),
+    ('sysu', {'all ir_to_vis', 'indoor ir_to_vis'}),
+    ('regdb', {'vis_to_ir', 'ir_to_vis'})])
+def test_test_py_reports_both_features_in_every_protocol(checkpoints, request, tmp_path, dataset,
+                                                         settings):
+    root = request.getfixturevalue(f'{dataset}_root')
+    results = tmp_path / 'results.json'
+    argv = ['--dataset', dataset, '--data-path', str(root), '--resume', str(checkpoints[dataset]),
+            '--device', 'cpu', '--workers', '0', '--output', str(results)]
+    argv += ['--trial', '2'] if dataset == 'regdb' else ['--trial', '0']
+    assert test_script.main(argv) == 0
+    record = json.loads(results.read_text())
+    assert record['models'][0]['method'] == 'ddag'
+    assert settings <= set(record['results'])
+    assert all(set(by_fusion) == {'feat', 'att'} for by_fusion in record['results'].values())
+    assert any(by_fusion['feat']['mAP'] != by_fusion['att']['mAP']  # two features, not one twice
+               for by_fusion in record['results'].values())
+
+
+def test_a_single_ddag_feature_is_the_cosine_of_that_feature():
+    query, gallery = torch.randn(3, 2, 1, 4), torch.randn(5, 2, 1, 4)
+    for name, kind in (('feat', 0), ('att', 1)):
+        expected = -F.normalize(query[:, kind, 0], dim=1) @ F.normalize(gallery[:, kind, 0], dim=1).T
+        got = fused_distance(query, gallery, find_fusion(name, 'ddag'))
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_visualize_search_and_the_python_api_use_the_attention_feature(checkpoints, llcm_root,
+                                                                        tmp_path):
+    checkpoint = str(checkpoints['llcm'])
+    assert visualize.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',
+                           checkpoint, '--out', str(tmp_path / 'vis'), '--device', 'cpu',
+                           '--workers', '0', '--trial', '0', '--num-queries', '2', 'ranks',
+                           'cmc']) == 0
+    assert (tmp_path / 'vis' / 'cmc.png').is_file()
+    query, gallery = query_gallery('llcm', 'ir_to_vis', str(llcm_root), 0)
+    assert run_main(lambda: search.main(
+        ['--resume', checkpoint, '--query', *query.paths[:2], '--query-modality', 'infrared',
+         '--gallery', str(llcm_root / 'test_vis'), '--out', str(tmp_path / 'search'), '--topk',
+         '3', '--device', 'cpu', '--workers', '0'])) == 0
+    found = json.loads((tmp_path / 'search' / 'search.json').read_text())
+    assert found['fusion'] == 'att'
+    api = ReIDModel.load(checkpoint, device='cpu')
+    night, day = api.embed(query.paths[:2], 'infrared'), api.embed(gallery.paths[:4], 'visible')
+    assert night.shape[1:] == (2, 1, 512)
+    order, distances = rank_gallery(night, day, 'att', method='ddag')
+    expected = fused_distance(night, day, (0.0, 1.0))
+    assert torch.equal(order, expected.argsort(dim=1, stable=True))
+
+
+def test_export_gives_pytorch_features(checkpoints, tmp_path):
+    for package in onnx_export.ONNX_PACKAGES:
+        pytest.importorskip(package)
+    path = tmp_path / 'ddag.onnx'
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export.main(['--resume', str(checkpoints['llcm']), '--modality', 'both', '--out',
+                            str(path)]) == 0
+    model, _ = load_trained_model(str(checkpoints['llcm']), device='cpu')
+    images = [torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    got = onnx_export.onnx_features(onnx_export.onnx_session(str(path)), ('visible', 'infrared'),
+                                    images)
+    expected = onnx_export.torch_features(model, ('visible', 'infrared'), images)
+    for g, e in zip(got, expected):
+        assert np.abs(g - e).max() < 1e-4
+
+
+def test_a_training_step_on_the_demo_recipe(tmp_path):
+    from tools.synthetic_data import make_demo_dataset
+    root = make_demo_dataset(tmp_path / 'demo')
+    out = tmp_path / 'run'
+    assert training.main(['--method', 'ddag', '--dataset', 'demo', '--data-path', str(root),
+                          '--model_path', str(out / 'm'), '--log_path', str(out / 'l'),
+                          '--epochs', '1', '--max-steps', '1', '--eval-every', '0',
+                          '--device', 'cpu']) == 0
+    state = load_checkpoint(str(out / 'm' / 'demo_ddag_last.pth'))
+    assert (state['args']['arch'], state['args']['img_h'], state['args']['batch_size']) == (
+        'resnet18', 64, 4)
+    assert float(state['criterion']['graph_weight']) > 0  # epoch 0 ended: w_G set
+
+
+def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert reproduce.main(['--method', 'ddag', '--dataset', 'demo', '--dry-run', '--out',
+                           str(out), '--data-path', str(tmp_path / 'demo')]) == 0
+    assert 'demo ddag seed 0: train and test' in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / 'demo').exists()
