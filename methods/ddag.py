@@ -174,9 +174,10 @@ class DDAGCriterion(nn.Module):
     the released AverageMeter is (:329).
 
     w_G and the epoch's running sum and count are buffers, so the criterion's state_dict in a
-    checkpoint written inside an epoch resumes it exactly; end_epoch(epoch) turns the sum into
-    the next w_G (under torch.distributed, over every process's batches). Parts: id, tri, att,
-    graph (the weighted term), detached, summing to L."""
+    checkpoint written inside an epoch resumes it exactly; under torch.distributed the sum is
+    over every process's batches (one all-reduce of two numbers per step). end_epoch(epoch)
+    turns the sum into the next w_G. Parts: id, tri, att, graph (the weighted term), detached,
+    summing to L."""
 
     def __init__(self, margin=0.3):
         super().__init__()
@@ -191,18 +192,24 @@ class DDAGCriterion(nn.Module):
                  'att': identity_loss(out.att_logits, labels)}
         without_graph = sum(parts.values())
         parts['graph'] = self.graph_weight.float() * F.nll_loss(out.graph.float(), labels)
-        with torch.no_grad():
-            self.loss_sum += without_graph.detach().double() * len(labels)
-            self.loss_count += len(labels)
+        self._accumulate(without_graph.detach(), len(labels))
         return without_graph + parts['graph'], {name: value.detach() for name, value in parts.items()}
+
+    @torch.no_grad()
+    def _accumulate(self, loss, batch):
+        """Add a step's loss without the graph term, weighted by its batch size, to the epoch's
+        sum: every process's (all-reduced), so each holds the same state and the checkpoint
+        that one of them writes inside an epoch resumes every process exactly."""
+        step = torch.stack([loss.double() * batch, loss.new_tensor(batch, dtype=torch.float64)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(step)
+        self.loss_sum += step[0]
+        self.loss_count += step[1]
 
     def end_epoch(self, epoch):
         """The next epoch's w_G from this epoch's mean loss without the graph term; resets it."""
-        totals = torch.stack([self.loss_sum, self.loss_count])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        if totals[1] > 0:
-            self.graph_weight.fill_(1.0 / (1.0 + totals[0] / totals[1]))
+        if self.loss_count > 0:
+            self.graph_weight.fill_(1.0 / (1.0 + self.loss_sum / self.loss_count))
         self.loss_sum.zero_()
         self.loss_count.zero_()
 
