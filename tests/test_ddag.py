@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from inference import ReIDModel, fused_distance, load_trained_model, rank_galler
 from methods import find_fusion
 from methods.ddag import (DDAG, DDAG_METHOD, DDAGCriterion, DDAGOutput, GraphAttention,
                           GraphAttentionLayer, PartAttention, identity_graph, part_pool)
-from tiny_runs import train_argv
+from tiny_runs import REPO, train_argv
 from utils import UserError, load_checkpoint, run_main
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -310,8 +311,8 @@ def test_resume_inside_an_epoch_gives_the_uninterrupted_weights_and_graph_weight
     assert all(torch.equal(expected['model'][k], actual['model'][k]) for k in expected['model'])
     for key, value in expected['criterion'].items():
         assert torch.equal(value, actual['criterion'][key]), key
-    weight = float(expected['criterion']['graph_weight'])
-    assert 0.0 < weight < 1.0  # set after epoch 0, updated after epoch 1
+    weight = float(expected['criterion']['graph_weight'])  # set after epoch 0, updated after 1
+    assert weight == pytest.approx(graph_weight_from_history(straight_run), rel=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -393,14 +394,14 @@ def test_export_gives_pytorch_features(checkpoints, tmp_path):
         assert np.abs(g - e).max() < 1e-4
 
 
-def test_a_training_step_on_the_demo_recipe(tmp_path):
+def test_a_training_step_on_the_demo_recipe_under_bf16_autocast(tmp_path):
     from tools.synthetic_data import make_demo_dataset
     root = make_demo_dataset(tmp_path / 'demo')
     out = tmp_path / 'run'
     assert training.main(['--method', 'ddag', '--dataset', 'demo', '--data-path', str(root),
                           '--model_path', str(out / 'm'), '--log_path', str(out / 'l'),
                           '--epochs', '1', '--max-steps', '1', '--eval-every', '0',
-                          '--device', 'cpu']) == 0
+                          '--device', 'cpu', '--amp', 'bf16']) == 0
     state = load_checkpoint(str(out / 'm' / 'demo_ddag_last.pth'))
     assert (state['args']['arch'], state['args']['img_h'], state['args']['batch_size']) == (
         'resnet18', 64, 4)
@@ -413,3 +414,23 @@ def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
                            str(out), '--data-path', str(tmp_path / 'demo')]) == 0
     assert 'demo ddag seed 0: train and test' in capsys.readouterr().out
     assert not out.exists() and not (tmp_path / 'demo').exists()
+
+
+def graph_weight_from_history(out, dataset='llcm'):
+    """1 / (1 + the last epoch's mean id + tri + att) from a run's history file."""
+    with open(out / 'logs' / f'{dataset}_ddag_history.jsonl') as handle:
+        losses = [json.loads(line) for line in handle][-1]['losses']
+    return 1.0 / (1.0 + losses['id'] + losses['tri'] + losses['att'])
+
+
+def test_two_processes_train_ddag_and_agree_on_the_graph_weight(llcm_root, tmp_path):
+    """torchrun, 2 CPU processes (gloo): every parameter is used (DDP), the labels reach the
+    graph through the network's forward, and w_G is the mean over both processes' batches."""
+    from test_distributed import torchrun_command
+    argv = ddag_run(llcm_root, tmp_path, 'llcm', '--epochs', 2, '--max-steps', 2, '--eval-every', 0)
+    env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))
+    result = subprocess.run(torchrun_command([os.path.join(REPO, 'train.py'), *argv]), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weight = float(last_state(tmp_path)['criterion']['graph_weight'])
+    assert weight == pytest.approx(graph_weight_from_history(tmp_path), rel=1e-5)
