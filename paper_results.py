@@ -1,6 +1,7 @@
 """The published numbers of DEEN, AGW (with and without random erasing), CAJ and DDAG, in one table
 with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -29,7 +30,7 @@ SOURCES = {
                   'authors), '
                   + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
     'paper-table3': 'Zhang & Wang, CVPR 2023 (arXiv 2303.14481), Table 3 (LLCM benchmark), rows '
-                    'AGW, AGW* (with random erasing) and CAJ: Rank-1 and mAP of IR->VIS and '
+                    'AGW, AGW* (with random erasing), CAJ and DEEN: Rank-1 and mAP of IR->VIS and '
                     'VIS->IR (read here as the standard VIS->IR; the paper does not say which '
                     'gallery its VIS->IR draws)',
     'caj-readme': 'Ye et al., "Channel Augmented Joint Learning for Visible-Infrared '
@@ -46,6 +47,12 @@ SOURCES = {
     'readme-ddag': 'DEEN released code README, section 4 "Results", DDAG row (LLCM re-run by the '
                    'DEEN authors, settings not published), '
                    + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+    'readme-benchmark': 'DEEN released code README, section 4 "Results": the whole LLCM table '
+                        '(DDAG, LbA, AGW, CAJ, MMN, MRCN, DART, DEEN; the baselines re-run by the '
+                        'DEEN authors with settings they do not publish), Rank-1/10/20 and mAP of '
+                        'two unlabelled column groups, read as IR->VIS and the released test.py\'s '
+                        '"VIS to IR" (released_vis_to_ir), '
+                        + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -59,7 +66,8 @@ PUBLISHED = {
     ('deen', 'regdb', 'ir_to_vis'): {'paper': {'Rank-1': 89.5, 'mAP': 83.4}},
     ('deen', 'llcm', 'ir_to_vis'): {
         'readme-13d0dff': {'Rank-1': 56.73, 'Rank-10': 84.52, 'Rank-20': 90.60, 'mAP': 63.28},
-        'readme-da47925': {'Rank-1': 55.52, 'Rank-10': 83.88, 'Rank-20': 89.98, 'mAP': 62.07}},
+        'readme-da47925': {'Rank-1': 55.52, 'Rank-10': 83.88, 'Rank-20': 89.98, 'mAP': 62.07},
+        'paper-table3': {'Rank-1': 54.9, 'mAP': 62.9}},
     ('deen', 'llcm', 'released_vis_to_ir'): {
         'readme-13d0dff': {'Rank-1': 69.66, 'Rank-10': 91.68, 'Rank-20': 95.99, 'mAP': 56.69},
         'readme-da47925': {'Rank-1': 69.21, 'Rank-10': 90.95, 'Rank-20': 95.07, 'mAP': 55.52}},
@@ -72,6 +80,7 @@ PUBLISHED = {
         'paper-table3': {'Rank-1': 46.4, 'mAP': 54.8}},
     ('agw', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 56.0, 'mAP': 59.1}},
     ('agw-plain', 'llcm', 'ir_to_vis'): {'paper-table3': {'Rank-1': 43.6, 'mAP': 51.8}},
+    ('deen', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 62.5, 'mAP': 65.8}},
     ('agw-plain', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 51.5, 'mAP': 55.3}},
     ('caj', 'sysu', 'all ir_to_vis'): {
         'caj-readme': {'Rank-1': 69.88, 'mAP': 66.89, 'mINP': 53.61}},
@@ -223,6 +232,152 @@ def write_comparison(comparison, folder):
     with written_atomically(stem + '.md') as tmp, open(tmp, 'w') as handle:
         handle.write(comparison_markdown(comparison))
     return stem + '.md', stem + '.json'
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLCM benchmark (reproduce.py --table benchmark): the DEEN paper's Table 3 and its README's
+# table, one row per method
+
+_README_COLUMNS = ('Rank-1', 'Rank-10', 'Rank-20', 'mAP')
+# SOURCES['readme-benchmark'] in %: README row -> {setting: {metric: value}}
+LLCM_README = {row: {'ir_to_vis': dict(zip(_README_COLUMNS, ir_to_vis)),
+                     'released_vis_to_ir': dict(zip(_README_COLUMNS, vis_to_ir))}
+               for row, ir_to_vis, vis_to_ir in (
+                   ('DDAG', (42.36, 72.69, 80.63, 48.97), (51.42, 81.45, 88.26, 38.77)),
+                   ('LbA', (42.76, 77.40, 86.11, 50.95), (54.78, 85.12, 91.63, 40.81)),
+                   ('AGW', (49.13, 79.06, 85.89, 55.80), (63.72, 88.66, 92.83, 47.21)),
+                   ('CAJ', (49.86, 78.91, 85.83, 56.40), (63.73, 87.95, 92.41, 47.71)),
+                   ('MMN', (50.14, 79.81, 87.27, 56.66), (63.97, 88.66, 93.05, 48.47)),
+                   ('MRCN', (51.32, 80.10, 87.17, 57.74), (65.27, 88.11, 93.13, 49.45)),
+                   ('DART', (52.97, 80.82, 87.05, 59.28), (65.33, 89.42, 93.33, 51.13)),
+                   ('DEEN', (55.52, 83.88, 89.98, 62.07), (69.21, 90.95, 95.07, 55.52)))}
+
+
+class BenchmarkRow(NamedTuple):
+    label: str              # the method as the paper's Table 3 names it
+    recipe: Optional[str]   # reproduce.py's --method (a training.RECIPES name); None: not trained
+    readme: Optional[str]   # its row of the README's table, if any
+
+
+# In the README's order, AGW (no random erasing) before AGW* (the released AGW recipe). The
+# README's AGW row stands beside our AGW*, as PUBLISHED reads it.
+BENCHMARK_ROWS = (BenchmarkRow('DDAG', 'ddag', 'DDAG'), BenchmarkRow('LbA', 'lba', 'LbA'),
+                  BenchmarkRow('AGW', 'agw-plain', None), BenchmarkRow('AGW*', 'agw', 'AGW'),
+                  BenchmarkRow('CAJ', 'caj', 'CAJ'), BenchmarkRow('MMN', 'mmn', 'MMN'),
+                  BenchmarkRow('MRCN', None, 'MRCN'), BenchmarkRow('DART', 'dart', 'DART'),
+                  BenchmarkRow('DEEN', 'deen', 'DEEN'))
+# The settings of the table and of its figure, per dataset (the demo has LLCM's layout).
+BENCHMARK_SETTINGS = {'llcm': ('ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'),
+                      'sysu': ('all ir_to_vis', 'indoor ir_to_vis'),
+                      'regdb': ('vis_to_ir', 'ir_to_vis')}
+BENCHMARK_FIGURE_SETTINGS = {'llcm': ('ir_to_vis', 'released_vis_to_ir'),
+                             'sysu': ('all ir_to_vis', 'indoor ir_to_vis'),
+                             'regdb': ('vis_to_ir', 'ir_to_vis')}
+BENCHMARK_PUBLISHED_AS = {'demo': 'llcm'}
+BENCHMARK_SOURCE_NAMES = {'readme-benchmark': 'DEEN README', 'paper-table3': 'paper Table 3'}
+BENCHMARK_CAVEATS = (
+    'The DEEN authors do not publish the settings (image size, epochs, schedule) they used for '
+    'each baseline on LLCM; ours trains each method with its released recipe (docs/methods.md).',
+    'Ours is each method\'s headline test feature or fusion (docs/methods.md), mean ± std over '
+    'seeds and gallery trials (RegDB: splits).',
+    'The README has no AGW* row: its AGW row stands beside our AGW* (the released AGW recipe, '
+    'random erasing on), as everywhere in this codebase; the paper\'s Table 3 gives both.',
+    'MRCN is in the README\'s table; this codebase does not train it.',
+    'The paper\'s Table 3 rows of DDAG, LbA, MMN and DART are not transcribed here; its VIS->IR '
+    'is read as the standard vis_to_ir.')
+
+
+def benchmark_dataset_rows(dataset):
+    """The rows the benchmark trains on dataset: every row on LLCM (and the demo); on SYSU-MM01
+    and RegDB the rows whose method publishes numbers there."""
+    if dataset in ('llcm', *BENCHMARK_PUBLISHED_AS):
+        return [row for row in BENCHMARK_ROWS if row.recipe]
+    return [row for row in BENCHMARK_ROWS if row.recipe and any(
+        method == row.recipe and on == dataset for method, on, _ in PUBLISHED)]
+
+
+def benchmark_published(row, dataset, setting):
+    """{source: {metric: value in %}} published for a benchmark row in a setting: on LLCM (and
+    the demo, which has its layout) the README's table and the paper's Table 3; elsewhere what
+    PUBLISHED holds for the row's recipe."""
+    dataset = BENCHMARK_PUBLISHED_AS.get(dataset, dataset)
+    if dataset != 'llcm':
+        return published(row.recipe, dataset, setting) if row.recipe else {}
+    found = {}
+    if row.readme and setting in LLCM_README[row.readme]:
+        found['readme-benchmark'] = LLCM_README[row.readme][setting]
+    table3 = PUBLISHED.get((row.recipe, 'llcm', setting), {}).get('paper-table3')
+    if table3:
+        found['paper-table3'] = table3
+    return found
+
+
+def benchmark_settings(dataset):
+    return BENCHMARK_SETTINGS[BENCHMARK_PUBLISHED_AS.get(dataset, dataset)]
+
+
+def benchmark_markdown(dataset, rows, seeds):
+    """The benchmark on one dataset as Markdown, a table per setting: rows are {label, recipe,
+    fusion, state (what was done, or why not), ours: {setting: {metric: summary}} (compare's),
+    published: {setting: {source: numbers}}}; ours, each published value and the difference."""
+    metrics = _README_COLUMNS
+    lines = [f'## The LLCM benchmark (DEEN paper Table 3) — {_title(dataset)}', '',
+             f'Seeds {" ".join(map(str, seeds))}. Values in %.', '']
+    for setting in benchmark_settings(dataset):
+        lines += [f'### `{setting}`', '', '| method | row | ' + ' | '.join(metrics) + ' |',
+                  '|---|---|' + '---:|' * len(metrics)]
+        for row in rows:
+            lines += _benchmark_lines(row, setting, metrics)
+        lines.append('')
+    used = sorted({source for row in rows for by_source in row['published'].values()
+                   for source in by_source})
+    lines += [f'- **{key}**: {SOURCES[key]}' for key in used]
+    lines += [f'- caveat: {caveat}' for caveat in BENCHMARK_CAVEATS]
+    if dataset in BENCHMARK_PUBLISHED_AS:
+        lines.append('- the demo data is synthetic (LLCM\'s layout): its numbers beside LLCM\'s say '
+                     'nothing about the published ones; the demo recipe turns random erasing off '
+                     'for every method, so AGW and AGW* train alike there.')
+    return '\n'.join(lines) + '\n'
+
+
+def _benchmark_lines(row, setting, metrics):
+    """The lines of one method in one setting's table."""
+    ours = row['ours'].get(setting)
+    published_here = row['published'].get(setting, {})
+    what = f'ours ({row["recipe"]}, {row["fusion"]})' if row['recipe'] and row['fusion'] else 'ours'
+    cells = [(what, [f'{ours[m]["mean"]:.2f} ± {ours[m]["std"]:.2f}' for m in metrics] if ours
+              else [row['state']] + [''] * (len(metrics) - 1))]
+    for source, numbers in published_here.items():
+        name = BENCHMARK_SOURCE_NAMES.get(source, source)
+        cells.append((f'published: {name}', [_cell(numbers.get(m)) for m in metrics]))
+        if ours:
+            cells.append((f'ours − {name}', [_cell(numbers.get(m) and ours[m]['mean'] - numbers[m],
+                                                  signed=True) for m in metrics]))
+    return [f'| {row["label"] if number == 0 else ""} | {label} | ' + ' | '.join(values) + ' |'
+            for number, (label, values) in enumerate(cells)]
+
+
+def benchmark_figure_numbers(dataset, rows):
+    """The figure's numbers (figures.draw_benchmark): Rank-1 and mAP per method in each figure
+    setting, ours beside each published source."""
+    panels = []
+    for setting in BENCHMARK_FIGURE_SETTINGS[BENCHMARK_PUBLISHED_AS.get(dataset, dataset)]:
+        sources = list(dict.fromkeys(source for row in rows
+                                     for source in row['published'].get(setting, {})))
+        for metric in ('Rank-1', 'mAP'):
+            series = {'ours': [_ours_value(row, setting, metric) for row in rows]}
+            for source in sources:
+                series[BENCHMARK_SOURCE_NAMES.get(source, source)] = [
+                    row['published'].get(setting, {}).get(source, {}).get(metric) for row in rows]
+            panels.append({'title': f'{_title(dataset)} {setting}: {metric} (%)',
+                           'methods': [row['label'] if row['recipe'] else f'{row["label"]} '
+                                       f'(not trained)' for row in rows], 'series': series})
+    return {'dataset': dataset, 'panels': panels}
+
+
+def _ours_value(row, setting, metric):
+    ours = row['ours'].get(setting)
+    return ours[metric]['mean'] if ours else None
 
 
 # ----------------------------------------------------------------------------------------------

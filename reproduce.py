@@ -1,7 +1,7 @@
 """Reproduce a paper table with one command: every training and test the dataset's table needs
 (RegDB: the ten splits, each tested in both directions with its own model; SYSU-MM01: all and
 indoor search; LLCM: both directions and the released variant), for each seed, through the same
-functions as train.py and test.py. Re-running skips finished parts and resumes an interrupted
+functions as train.py and test.py; --table benchmark: every method's row of the LLCM benchmark. Re-running skips finished parts and resumes an interrupted
 training from `last`; at the end (or with --report at any time) the published numbers are
 printed beside ours and written as Markdown and JSON."""
 import argparse
@@ -18,8 +18,11 @@ from data_manager import DATASETS, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
 from methods import METHODS, fusion_names, get_method
 from paper_results import (ABLATION_SETTINGS, ABLATION_TABLE_DATASETS, ABLATION_TABLES,
-                           SWEEP_CHOICES, ablation_markdown, ablation_numbers, ablation_published,
-                           compare, comparison_markdown, write_comparison)
+                           BENCHMARK_PUBLISHED_AS, BENCHMARK_ROWS, SWEEP_CHOICES,
+                           ablation_markdown, ablation_numbers, ablation_published,
+                           benchmark_dataset_rows, benchmark_figure_numbers, benchmark_markdown,
+                           benchmark_published, benchmark_settings, compare, comparison_markdown,
+                           write_comparison)
 from utils import UserError, flag, load_checkpoint, manual_parser, run_main, setup_runtime
 
 TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
@@ -41,18 +44,20 @@ def build_parser():
     table.add_argument('--dataset', choices=(*DATASETS, 'all'),
                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
                        'or --sweep: narrows the datasets they run on)')
-    table.add_argument('--table', default='main', choices=('main', *ABLATION_TABLES),
-                       help='main: the results table of --dataset; components, dee-stage, '
+    table.add_argument('--table', default='main', choices=('main', 'benchmark', *ABLATION_TABLES),
+                       help='main: the results table of --dataset; benchmark: the LLCM benchmark '
+                       '(the paper\'s Table 3), every method\'s row on LLCM (--dataset sysu, '
+                       'regdb: the rows that publish numbers there); components, dee-stage, '
                        'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
                        'SYSU-MM01 (--dataset narrows)')
     table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
                        'of Rank-1 and mAP against the value and its JSON')
-    table.add_argument('--method', default='deen', choices=tuple(training.RECIPES),
-                       help='the row to reproduce: a method\'s released recipe (deen, agw, caj), '
-                       'or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; agw is '
-                       'its AGW*)')
+    table.add_argument('--method', choices=tuple(training.RECIPES),
+                       help='the row to reproduce (default: deen): a method\'s released recipe '
+                       f'({", ".join(METHODS)}), or agw-plain, AGW without random erasing (the '
+                       'DEEN paper\'s AGW; agw is its AGW*)')
     table.add_argument('--fusion', choices=fusion_names(),
                        help='the fusion compared with the published numbers, one the method '
                        'reports (default: its headline, DEEN\'s pool+feat; pool, feat: the '
@@ -78,6 +83,8 @@ EXTRA_PARSERS = (training.build_parser,)
 
 def parse_args(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
+    check_benchmark_args(args)
+    args.method = args.method or 'deen'
     check_ablation_args(args, train_flags)
     check_args(args, train_flags)
     args.train_flags = train_flags
@@ -179,6 +186,8 @@ class Part:
 
 def make_plan(args):
     """Every part of the requested table(s), in the order they run."""
+    if args.table == 'benchmark':
+        return benchmark_plan(args)
     if args.table != 'main' or args.sweep:
         return ablation_plan(args)
     datasets = TABLE_DATASETS if args.dataset == 'all' else (args.dataset,)
@@ -321,6 +330,8 @@ def main(argv=None):
         statuses = shared_statuses(plan, ctx)
         if ctx.is_main and (args.dry_run or not args.report):
             print(format_plan(plan, statuses), flush=True)
+            if args.table == 'benchmark':
+                print('\n'.join(benchmark_absent_rows(args)), flush=True)
         if args.dry_run:
             return 0
         if not args.report:
@@ -329,8 +340,8 @@ def main(argv=None):
                 return code
             statuses = shared_statuses(plan, ctx)
         if ctx.is_main:
-            (report if args.table == 'main' and not args.sweep else ablation_report)(
-                args, plan, statuses)
+            reporter = {'main': report, 'benchmark': benchmark_report}.get(args.table, ablation_report)
+            (ablation_report if args.sweep else reporter)(args, plan, statuses)
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -343,7 +354,7 @@ def main(argv=None):
 def check_ablation_args(args, train_flags):
     """--table / --sweep: one of them, DEEN, datasets the paper's tables use (or the demo), no
     train.py flag that a row sets itself, and a sweep over a numeric train.py flag."""
-    if args.table == 'main' and not args.sweep:
+    if args.table in ('main', 'benchmark') and not args.sweep:
         return
     if args.table != 'main' and args.sweep:
         raise UserError('--table and --sweep run different plans; pass one of them.')
@@ -459,6 +470,117 @@ def draw_sweep(args, dataset, rows, folder):
         json.dump(numbers, handle, indent=2)
     width, height = figures.draw_sweep(numbers, stem + '.png')
     return f'{stem}.png ({width}x{height}) and {os.path.basename(stem)}.json'
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLCM benchmark (--table benchmark): every method's row, ours beside the published numbers
+
+def check_benchmark_args(args):
+    """--table benchmark runs each row with its method's own recipe and headline fusion."""
+    if args.table != 'benchmark':
+        return
+    for given, dest in ((args.method, 'method'), (args.fusion, 'fusion')):
+        if given is not None:
+            raise UserError(f'--table benchmark runs every method with its own recipe and '
+                            f'headline fusion; leave out {flag(dest)} {given}.')
+
+
+def benchmark_datasets(args):
+    """LLCM unless --dataset names another (all: SYSU-MM01, RegDB and LLCM)."""
+    if args.dataset == 'all':
+        return TABLE_DATASETS
+    return (args.dataset or 'llcm',)
+
+
+def benchmark_plan(args):
+    """Every row of the benchmark this codebase trains, on each dataset, for each seed (RegDB:
+    each split)."""
+    plan = []
+    for dataset in benchmark_datasets(args):
+        trials = (args.trials or list(dataset_facts('regdb').trials)) if dataset == 'regdb' else [1]
+        for row in benchmark_dataset_rows(dataset):
+            if row.recipe not in training.RECIPES:
+                continue
+            for seed in args.seeds:
+                folder = os.path.join(args.out, 'benchmark', dataset, row.recipe, f'seed{seed}')
+                plan += [Part(dataset, row.recipe, seed, trial, folder, args.train_flags,
+                              row=row.label) for trial in trials]
+    return plan
+
+
+def benchmark_report_rows(dataset):
+    """The rows of the benchmark's report on dataset: every row on LLCM (and the demo), the rows
+    that publish numbers elsewhere."""
+    if dataset in ('llcm', *BENCHMARK_PUBLISHED_AS):
+        return list(BENCHMARK_ROWS)
+    return benchmark_dataset_rows(dataset)
+
+
+def benchmark_absence(row, dataset):
+    """Why a row of the benchmark has no training of ours on dataset, or None."""
+    if row.recipe is None:
+        return 'not trained by this codebase: the published numbers only'
+    if row.recipe not in training.RECIPES:
+        return (f'--method {row.recipe} is not in this codebase yet (methods/__init__.py): '
+                f'the published numbers only')
+    return None
+
+
+def benchmark_absent_rows(args):
+    """One line per benchmark row that the plan does not train, saying why."""
+    lines = ['rows of the benchmark without a training of ours:']
+    for dataset in benchmark_datasets(args):
+        planned = set(benchmark_dataset_rows(dataset))
+        for row in BENCHMARK_ROWS:
+            why = benchmark_absence(row, dataset)
+            if why is None and row not in planned:
+                why = f'no published numbers on {dataset}: not run'
+            if why:
+                lines.append(f'[-] {dataset} {row.label}: {why}')
+    return lines
+
+
+def benchmark_report(args, plan, statuses):
+    """Each dataset's benchmark as Markdown and JSON (ours beside the published rows) and its
+    figure (Rank-1 and mAP per method) with the figure's JSON, in --out/benchmark."""
+    folder = os.path.join(args.out, 'benchmark')
+    os.makedirs(folder, exist_ok=True)
+    for dataset in benchmark_datasets(args):
+        rows = [benchmark_row(row, dataset, plan, statuses) for row in benchmark_report_rows(dataset)]
+        markdown = benchmark_markdown(dataset, rows, args.seeds)
+        stem = os.path.join(folder, f'{dataset}_benchmark')
+        with open(stem + '.md', 'w') as handle:
+            handle.write(markdown)
+        with open(stem + '.json', 'w') as handle:
+            json.dump({'dataset': dataset, 'units': '%', 'seeds': args.seeds, 'rows': rows},
+                      handle, indent=2)
+        numbers = benchmark_figure_numbers(dataset, rows)
+        with open(stem + '_figure.json', 'w') as handle:
+            json.dump(numbers, handle, indent=2)
+        width, height = figures.draw_benchmark(numbers, stem + '.png')
+        print('\n' + markdown + f'written to {stem}.md and {stem}.json; figure {stem}.png '
+              f'({width}x{height}) and {os.path.basename(stem)}_figure.json')
+
+
+def benchmark_row(row, dataset, plan, statuses):
+    """One row of the report: {label, recipe, fusion, state, ours: {setting: {metric: summary}},
+    published: {setting: {source: numbers}}}."""
+    parts = [(part, status) for part, status in zip(plan, statuses)
+             if part.dataset == dataset and part.row == row.label]
+    done = [(part.seed, read_results(part.results)) for part, status in parts if status.done]
+    fusion = (get_method(training.RECIPES[row.recipe][0]).headline
+              if row.recipe in training.RECIPES else None)
+    state = benchmark_absence(row, dataset) or (
+        f'{len(done)} of {len(parts)} part(s) done' if parts else 'not run')
+    ours = {}
+    if done:
+        missing = [part.label for part, status in parts if not status.done]
+        ours = {setting['setting']: setting['ours'] for setting in
+                compare(dataset, row.recipe, fusion, done, missing)['settings']}
+    return {'label': row.label, 'recipe': row.recipe, 'fusion': fusion, 'state': state,
+            'ours': ours, 'published': {setting: benchmark_published(row, dataset, setting)
+                                        for setting in benchmark_settings(dataset)}}
 
 
 if __name__ == '__main__':
