@@ -5,7 +5,9 @@ transcribed README table against the published numbers elsewhere in paper_result
 import json
 
 import pytest
+from PIL import Image
 
+import figures
 import paper_results
 import reproduce
 from paper_results import BENCHMARK_ROWS, LLCM_README, PUBLISHED
@@ -66,7 +68,8 @@ def test_report_without_trainings_writes_the_published_rows_and_the_figure(tmp_p
     first = figure['panels'][0]
     assert first['series']['ours'] == [None] * len(LABELS)
     assert first['series']['DEEN README'][0] == 42.36 and first['methods'][6] == 'MRCN (not trained)'
-    assert (out / 'benchmark' / 'demo_benchmark.png').stat().st_size > 0
+    with Image.open(out / 'benchmark' / 'demo_benchmark.png') as png:
+        assert png.size == figures.figure_size(len(figure['panels']))
     markdown = (out / 'benchmark' / 'demo_benchmark.md').read_text()
     assert '| MRCN | ours | not trained by this codebase' in markdown
     assert 'readme-benchmark' in markdown and '| published: DEEN README | 42.36 |' in markdown
