@@ -234,6 +234,10 @@ class DDAGMethod(Method):
     fusions = {'feat': (1.0, 0.0), 'att': (0.0, 1.0)}
     headline = 'att'
 
+    def describe_network(self, args):
+        return (f'DDAG network: IWPA over {PARTS} parts, CGSA with {GRAPH_HEADS} heads (training '
+                f'only)')
+
     def build_network(self, num_classes, dataset, arch='resnet50', settings=None):
         return DDAG(num_classes, arch=arch)
 
