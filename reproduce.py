@@ -1,9 +1,10 @@
 """Reproduce a paper table with one command: every training and test the dataset's table needs
 (RegDB: the ten splits, each tested in both directions with its own model; SYSU-MM01: all and
 indoor search; LLCM: both directions and the released variant), for each seed, through the same
-functions as train.py and test.py; --table benchmark: every method's row of the LLCM benchmark. Re-running skips finished parts and resumes an interrupted
-training from `last`; at the end (or with --report at any time) the published numbers are
-printed beside ours and written as Markdown and JSON."""
+functions as train.py and test.py; --table benchmark: every method's row of the LLCM benchmark.
+Re-running skips finished parts and resumes an interrupted training from `last`; at the end (or
+with --report at any time) the published numbers are printed beside ours and written as Markdown
+and JSON."""
 import argparse
 import json
 import os
