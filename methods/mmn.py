@@ -151,14 +151,16 @@ class MMN(nn.Module):
         feat = [bottleneck(part) for bottleneck, part in zip(self.bottlenecks, pool)]
         if self.training:
             return MMNOutput(tuple(pool), tuple(c(f) for c, f in zip(self.classifiers, feat)))
-        order = original_then_middle(len(x), (visible is not None) + (infrared is not None))
-        return tuple(F.normalize(torch.cat(parts, 1).float()[order], dim=1) for parts in (pool, feat))
+        sizes = [len(images) for images in (visible, infrared) if images is not None]
+        return tuple(F.normalize(original_then_middle(torch.cat(parts, 1).float(), sizes), dim=1)
+                     for parts in (pool, feat))
 
 
-def original_then_middle(rows, modalities):
-    """Row order taking the trunk's [V; M_v; I; M_i] (or [X; M_x]) to [V; I; M_v; M_i]."""
-    blocks = torch.arange(rows).view(modalities, 2, -1)   # [modality, original/middle, B]
-    return blocks.transpose(0, 1).reshape(-1)
+def original_then_middle(rows, sizes):
+    """The trunk's rows [V; M_v; I; M_i] (or [X; M_x]), `sizes` the modalities' batch sizes ->
+    [V; I; M_v; M_i]."""
+    blocks = rows.split([size for size in sizes for _ in range(2)])
+    return torch.cat(blocks[0::2] + blocks[1::2])
 
 
 # ----------------------------------------------------------------------------------------------
