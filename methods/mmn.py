@@ -1,6 +1,8 @@
 """MMN (Zhang et al., ACM MM 2021, "Towards a Unified Middle Modality Learning for VI-ReID"):
 the middle-modality generator, the four-stripe network, its criterion (identity, four-pair
 triplet, distribution consistency with a frozen random head), test fusions and recipe."""
+import re
+from functools import partial
 from typing import NamedTuple, Tuple
 
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 from loss import batch_hard_triplet_loss, identity_loss
 from model import (ModalityStem, ResNetTrunk, average_pool, make_bnneck, make_classifier,
-                   make_resnet, stage_widths)
+                   make_resnet, stage_widths, strip_prefixes)
 from utils import UserError, flag
 
 STRIPES = 4                 # horizontal parts of the layer4 map (released model.py:109-131)
@@ -240,3 +242,83 @@ class MMNCriterion(nn.Module):
         }
         total = sum(parts.values())
         return total, {name: value.detach() for name, value in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Test: the released test's seven combinations of original and middle features
+
+ORIGINAL, MIDDLE = 0, 1    # branches of the eval output (and of the features [N, 2, 2, D])
+FEAT = 1                   # the BNNeck feature, the one the released test compares
+
+
+def branch_similarity(query, gallery, query_branch, gallery_branch):
+    """Cosine [Q, G] of the BNNeck features of one branch of the queries [Q, 2, 2, D] and one of
+    the gallery [G, 2, 2, D] (the flip-summed features re-normalised)."""
+    q = F.normalize(query[:, FEAT, query_branch], dim=1)
+    g = F.normalize(gallery[:, FEAT, gallery_branch], dim=1)
+    return q @ g.T
+
+
+def middle_fusion_distance(query, gallery, pairs=((ORIGINAL, ORIGINAL),), combine='sum'):
+    """Negative combination of the similarity matrices of the (query branch, gallery branch)
+    `pairs`: their sum, element-wise min or max, accumulated one matrix at a time."""
+    reduce = {'sum': torch.add, 'min': torch.minimum, 'max': torch.maximum}[combine]
+    similarity = None
+    for query_branch, gallery_branch in pairs:
+        current = branch_similarity(query, gallery, query_branch, gallery_branch)
+        similarity = current if similarity is None else reduce(similarity, current)
+    return -similarity
+
+
+ALL_PAIRS = ((ORIGINAL, ORIGINAL), (ORIGINAL, MIDDLE), (MIDDLE, ORIGINAL), (MIDDLE, MIDDLE))
+FUSIONS = {  # released test.py:186-207 (SYSU); the names say query/gallery branches
+    'orig/orig': partial(middle_fusion_distance, pairs=ALL_PAIRS[:1]),
+    'orig/middle': partial(middle_fusion_distance, pairs=ALL_PAIRS[1:2]),
+    'middle/orig': partial(middle_fusion_distance, pairs=ALL_PAIRS[2:3]),
+    'middle/middle': partial(middle_fusion_distance, pairs=ALL_PAIRS[3:]),
+    'sum': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='sum'),
+    'min': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='min'),
+    'max': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='max'),
+}
+HEADLINE = 'orig/orig'
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights trained with the released code (ZYK100/MMN, `checkpoint['net']`)
+
+_RELEASED_TO_OURS = [
+    (r'visible_module\.visible\.(conv1|bn1)\.', lambda m: f'visible_stem.{m[1]}.'),
+    (r'thermal_module\.thermal\.(conv1|bn1)\.', lambda m: f'infrared_stem.{m[1]}.'),
+    (r'(visible_module|thermal_module)\.', None),          # ResNet copies the forward never calls
+    (r'base_resnet\.base\.(layer[1-4])\.', lambda m: f'trunk.{m[1]}.'),
+    (r'base_resnet\.base\.', None),
+    (r'bottleneck([1-4])\.', lambda m: f'bottlenecks.{int(m[1]) - 1}.'),
+    (r'classifier([1-4])\.', lambda m: f'classifiers.{int(m[1]) - 1}.'),
+    (r'encode([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.encode.'),
+    (r'fc([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.mix.'),
+    (r'bn([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.norm.'),
+    (r'decode\.', lambda m: 'generator.decoder.'),
+]
+_SIDE = {'1': 'visible', '2': 'infrared'}
+
+
+def is_released_state_dict(keys):
+    """Whether state dict keys are the released MMN network's (its generator and stripe heads)."""
+    keys = set(strip_prefixes(dict.fromkeys(keys)))
+    return {'encode1.weight', 'decode.weight', 'bottleneck4.weight'} <= keys
+
+
+def convert_released_state_dict(state_dict):
+    """A released MMN state dict ('module.' prefix tolerated) in our key layout (the unused
+    ResNet copies dropped)."""
+    converted = {}
+    for key, value in strip_prefixes(state_dict).items():
+        for pattern, rename in _RELEASED_TO_OURS:
+            match = re.match(pattern, key)
+            if match:
+                if rename is not None:
+                    converted[rename(match) + key[match.end():]] = value
+                break
+        else:
+            converted[key] = value
+    return converted

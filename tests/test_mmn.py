@@ -227,3 +227,69 @@ def test_frozen_head_passes_gradients_and_keeps_its_weights_but_updates_statisti
     assert torch.equal(criterion.head.project.weight, weight)
     assert not torch.equal(criterion.head.mlp[0].running_mean, running)
     assert int(criterion.head.mlp[0].num_batches_tracked) == 4        # once per stripe
+
+
+def released_combinations(query, gallery):
+    """The released test's seven similarity matrices, written out as it computes them (matmul of
+    the BNNeck features; X = the middle branch)."""
+    q, xq = F.normalize(query[:, 1, 0], dim=1), F.normalize(query[:, 1, 1], dim=1)
+    g, xg = F.normalize(gallery[:, 1, 0], dim=1), F.normalize(gallery[:, 1, 1], dim=1)
+    d0, d1, d2, d3 = q @ g.T, q @ xg.T, xq @ g.T, xq @ xg.T
+    return {'orig/orig': d0, 'orig/middle': d1, 'middle/orig': d2, 'middle/middle': d3,
+            'sum': d0 + d1 + d2 + d3,
+            'min': torch.minimum(torch.minimum(d0, d1), torch.minimum(d2, d3)),
+            'max': torch.maximum(torch.maximum(d0, d1), torch.maximum(d2, d3))}
+
+
+def test_fusions_are_the_released_seven_combinations():
+    from methods.mmn import FUSIONS, HEADLINE
+    torch.manual_seed(0)
+    query, gallery = torch.randn(5, 2, 2, 8), torch.randn(7, 2, 2, 8)
+    expected = released_combinations(query, gallery)
+    assert list(FUSIONS) == list(expected) and HEADLINE == 'orig/orig'
+    for name, fusion in FUSIONS.items():
+        torch.testing.assert_close(fusion(query, gallery), -expected[name], rtol=1e-5, atol=1e-6)
+    # the pooled (pre-BN) features take no part, as in the released test
+    other_pool = query.clone()
+    other_pool[:, 0] = torch.randn(5, 2, 8)
+    torch.testing.assert_close(FUSIONS['sum'](other_pool, gallery), FUSIONS['sum'](query, gallery))
+
+
+def released_keys_of(state_dict):
+    """Our state dict under the released key names (the inverse renaming, written out)."""
+    side = {'visible': '1', 'infrared': '2'}
+    part = {'encode': 'encode', 'mix': 'fc', 'norm': 'bn'}
+    renamed = {}
+    for key, value in state_dict.items():
+        head, _, rest = key.partition('.')
+        if head == 'visible_stem':
+            new = 'visible_module.visible.' + rest
+        elif head == 'infrared_stem':
+            new = 'thermal_module.thermal.' + rest
+        elif head == 'trunk':
+            new = 'base_resnet.base.' + rest
+        elif head in ('bottlenecks', 'classifiers'):
+            index, _, tail = rest.partition('.')
+            new = f'{head[:-1]}{int(index) + 1}.{tail}'
+        elif rest.startswith('decoder.'):
+            new = 'decode.' + rest[len('decoder.'):]
+        else:
+            encoder, name, tail = rest.split('.', 2)
+            new = f'{part[name]}{side[encoder.split("_")[0]]}.{tail}'
+        renamed[new] = value
+    return renamed
+
+
+def test_weights_trained_with_the_released_code_load():
+    from methods.mmn import convert_released_state_dict, is_released_state_dict
+    source = tiny_model(seed=3).eval()
+    released = released_keys_of(source.state_dict())
+    released['visible_module.visible.layer1.0.conv1.weight'] = torch.zeros(1)  # unused copies
+    released['base_resnet.base.conv1.weight'] = torch.zeros(1)
+    released = {'module.' + key: value for key, value in released.items()}
+    assert is_released_state_dict(released)
+    assert not is_released_state_dict(source.state_dict())
+    target = tiny_model(seed=4).eval()
+    target.load_state_dict(convert_released_state_dict(released))         # strict: every key
+    images = torch.randn(2, 3, 64, 32)
+    torch.testing.assert_close(target(infrared=images), source(infrared=images))
