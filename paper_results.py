@@ -1,4 +1,4 @@
-"""The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table
+"""The published numbers of DEEN, AGW (with and without random erasing), CAJ and MMN, in one table
 with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 
@@ -38,6 +38,17 @@ SOURCES = {
                   '26bc0ce088eb97867ff489dceda386b8092b9fde/ICCV21_CAJ/README.md; SYSU-MM01 '
                   'all-search; RegDB: the README names no direction, its testa.py tests visible '
                   'queries against the thermal gallery by default (vis_to_ir)',
+    'readme-mmn-llcm': 'released code README, section 4 "Results", MMN row (LLCM re-run by the DEEN '
+                       'authors; the same in ZYK100/LLCM README.md:25), '
+                       + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac')
+                       + ' line 59',
+    'mmn-readme': 'Zhang et al., "Towards a Unified Middle Modality Learning for Visible-Infrared '
+                  'Person Re-Identification", ACM MM 2021, released code README "Result" table '
+                  '(lines 21-24, "~" values), https://github.com/ZYK100/MMN/blob/'
+                  '01d70d523258dc46a202d114715fbc3cab230894/README.md; the README names neither the '
+                  'setting nor which of its test\'s seven fusions it reports: placed here under '
+                  'SYSU-MM01 all-search and RegDB IR->VIS, the defaults of its test.py (mode all; '
+                  'RegDB --tvsearch, always on)',
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -74,6 +85,12 @@ PUBLISHED = {
     ('caj', 'llcm', 'released_vis_to_ir'): {
         'readme-caj': {'Rank-1': 63.73, 'Rank-10': 87.95, 'Rank-20': 92.41, 'mAP': 47.71}},
     ('caj', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 56.5, 'mAP': 59.8}},
+    ('mmn', 'llcm', 'ir_to_vis'): {
+        'readme-mmn-llcm': {'Rank-1': 50.14, 'Rank-10': 79.81, 'Rank-20': 87.27, 'mAP': 56.66}},
+    ('mmn', 'llcm', 'released_vis_to_ir'): {
+        'readme-mmn-llcm': {'Rank-1': 63.97, 'Rank-10': 88.66, 'Rank-20': 93.05, 'mAP': 48.47}},
+    ('mmn', 'sysu', 'all ir_to_vis'): {'mmn-readme': {'Rank-1': 70.6, 'mAP': 66.9}},
+    ('mmn', 'regdb', 'ir_to_vis'): {'mmn-readme': {'Rank-1': 91.6, 'mAP': 84.1}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',

@@ -160,7 +160,9 @@ class MMN(nn.Module):
 
 def original_then_middle(rows, sizes):
     """The trunk's rows [V; M_v; I; M_i] (or [X; M_x]), `sizes` the modalities' batch sizes ->
-    [V; I; M_v; M_i]."""
+    [V; I; M_v; M_i]; one modality's rows [X; M_x] are already in order."""
+    if len(sizes) == 1:
+        return rows
     blocks = rows.split([size for size in sizes for _ in range(2)])
     return torch.cat(blocks[0::2] + blocks[1::2])
 
