@@ -18,7 +18,7 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache
+from data_loader import ERASING_KINDS, CrossModalTrainSet, load_or_build_cache
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from methods import METHODS, agw, build_network, get_method
 from model import BACKBONES, load_model_weights, uses_pretrained
@@ -120,9 +120,10 @@ def build_parser():
     augmentation.add_argument('--random-erasing', action=argparse.BooleanOptionalAction,
                               help="random erasing (default: on; --no-random-erasing: the paper's "
                               'AGW row, on: AGW*)')
-    augmentation.add_argument('--erasing-kind', choices=('zero', 'channel'),
-                              help="random erasing's fill: zero (DEEN, AGW) or channel (CAJ's "
-                              "per-channel constants) (default: the method's)")
+    augmentation.add_argument('--erasing-kind', choices=ERASING_KINDS,
+                              help="random erasing: zero (torchvision's, filled with 0: DEEN, "
+                              "AGW), channel (CAJ's, its per-channel constants) or channel-zero "
+                              "(CAJ's box drawing filled with 0: MMN) (default: the method's)")
 
     schedule = parser.add_argument_group('schedule')
     schedule.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default: sgd, '
@@ -218,11 +219,16 @@ def learning_rate(base_lr, epoch, warmup, steps):
     return base_lr * 0.1 ** sum(epoch >= step for step in steps)
 
 
-def build_optimizer(model, base_lr, optim='sgd', pretrained=True):
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): BNNeck and classifier at lr, the
-    rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
+def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
+                    head_prefixes=('bottleneck.', 'classifier.'), criterion=None):
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (the parameters named
+    with the method's head_prefixes, BNNeck and classifier, and a criterion's trainable
+    parameters) at lr, the rest at 0.1 lr when it starts from pretrained weights (the released
+    recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
-            if name.startswith(('bottleneck.', 'classifier.')) and p.requires_grad]
+            if name.startswith(tuple(head_prefixes)) and p.requires_grad]
+    if isinstance(criterion, torch.nn.Module):
+        head += [p for p in criterion.parameters() if p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
@@ -287,9 +293,12 @@ class Trainer:
         if ctx.enabled and args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
         self.views = method.training_views(args)
         self.criterion = build_criterion(args, self.views)
+        if isinstance(self.criterion, torch.nn.Module):  # its state is saved with the network
+            self.criterion.to(device)
+        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained),
+                                         method.head_prefixes, self.criterion)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -368,6 +377,8 @@ class Trainer:
         check_resume_state(state, path, self.args, self.num_classes)
         check_resume_network(state, path, self.args)
         load_model_weights(self.model, state['model'])
+        if isinstance(self.criterion, torch.nn.Module) and state.get('criterion') is not None:
+            self.criterion.load_state_dict(state['criterion'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
         self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
@@ -444,6 +455,8 @@ class Trainer:
             'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
+            'criterion': (self.criterion.state_dict()
+                          if isinstance(self.criterion, torch.nn.Module) else None),
             'sampler': self.sampler.state_dict(*position),
             'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
             'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},

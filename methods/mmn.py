@@ -1,8 +1,7 @@
 """MMN (Zhang et al., ACM MM 2021, "Towards a Unified Middle Modality Learning for VI-ReID"):
 the middle-modality generator, the four-stripe network, its criterion (identity, four-pair
 triplet, distribution consistency with a frozen random head), test fusions and recipe."""
-import re
-from functools import partial
+import os
 from typing import NamedTuple, Tuple
 
 import torch
@@ -10,14 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import batch_hard_triplet_loss, identity_loss
+from methods.base import AGW_SCHEDULE, Method
 from model import (ModalityStem, ResNetTrunk, average_pool, make_bnneck, make_classifier,
-                   make_resnet, stage_widths, strip_prefixes)
+                   make_resnet, stage_widths)
 from utils import UserError, flag
 
 STRIPES = 4                 # horizontal parts of the layer4 map (released model.py:109-131)
 GENERATOR_INIT = 0.333      # constant weight of every generator conv, bias 0 (model.py:39-45)
 PROJECTION_DIM = 256        # the consistency head's width (loss.py:13-14)
 HEAD_SEED_OFFSET = 1000003  # the frozen head's seed is --seed + this (its own stream)
+STRIPE_WIDTHS = {'resnet18': 512, 'resnet34': 512, 'resnet50': 2048}  # layer4 channels per --arch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,66 +262,98 @@ def branch_similarity(query, gallery, query_branch, gallery_branch):
     return q @ g.T
 
 
-def middle_fusion_distance(query, gallery, pairs=((ORIGINAL, ORIGINAL),), combine='sum'):
-    """Negative combination of the similarity matrices of the (query branch, gallery branch)
-    `pairs`: their sum, element-wise min or max, accumulated one matrix at a time."""
-    reduce = {'sum': torch.add, 'min': torch.minimum, 'max': torch.maximum}[combine]
-    similarity = None
-    for query_branch, gallery_branch in pairs:
-        current = branch_similarity(query, gallery, query_branch, gallery_branch)
-        similarity = current if similarity is None else reduce(similarity, current)
-    return -similarity
+BRANCH_NAMES = {ORIGINAL: 'original', MIDDLE: 'middle'}
+
+
+class MiddleFusion:
+    """A distance over the BNNeck features of both branches: the negative sum, element-wise min
+    or max of the cosine matrices of the (query branch, gallery branch) `pairs`, accumulated one
+    matrix at a time. Its __doc__ says what it computes (results files and ONNX metadata)."""
+
+    def __init__(self, pairs, combine='sum'):
+        self.pairs, self.combine = tuple(pairs), combine
+        terms = [f'cos(BNNeck {BRANCH_NAMES[q]} query, BNNeck {BRANCH_NAMES[g]} gallery)'
+                 for q, g in self.pairs]
+        self.__doc__ = ('distance = -' + (terms[0] if len(terms) == 1 else
+                                          f'{combine}({", ".join(terms)})'))
+
+    def __call__(self, query, gallery):
+        reduce = {'sum': torch.add, 'min': torch.minimum, 'max': torch.maximum}[self.combine]
+        similarity = None
+        for query_branch, gallery_branch in self.pairs:
+            current = branch_similarity(query, gallery, query_branch, gallery_branch)
+            similarity = current if similarity is None else reduce(similarity, current)
+        return -similarity
+
+    def __repr__(self):
+        return f'MiddleFusion({self.pairs}, {self.combine!r})'
 
 
 ALL_PAIRS = ((ORIGINAL, ORIGINAL), (ORIGINAL, MIDDLE), (MIDDLE, ORIGINAL), (MIDDLE, MIDDLE))
-FUSIONS = {  # released test.py:186-207 (SYSU); the names say query/gallery branches
-    'orig/orig': partial(middle_fusion_distance, pairs=ALL_PAIRS[:1]),
-    'orig/middle': partial(middle_fusion_distance, pairs=ALL_PAIRS[1:2]),
-    'middle/orig': partial(middle_fusion_distance, pairs=ALL_PAIRS[2:3]),
-    'middle/middle': partial(middle_fusion_distance, pairs=ALL_PAIRS[3:]),
-    'sum': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='sum'),
-    'min': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='min'),
-    'max': partial(middle_fusion_distance, pairs=ALL_PAIRS, combine='max'),
+FUSIONS = {  # released test.py:185-207 (SYSU); the names say query/gallery branches
+    'orig/orig': MiddleFusion(ALL_PAIRS[:1]),
+    'orig/middle': MiddleFusion(ALL_PAIRS[1:2]),
+    'middle/orig': MiddleFusion(ALL_PAIRS[2:3]),
+    'middle/middle': MiddleFusion(ALL_PAIRS[3:]),
+    'sum': MiddleFusion(ALL_PAIRS, 'sum'),
+    'min': MiddleFusion(ALL_PAIRS, 'min'),
+    'max': MiddleFusion(ALL_PAIRS, 'max'),
 }
 HEADLINE = 'orig/orig'
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights trained with the released code (ZYK100/MMN, `checkpoint['net']`)
+# The method entry
 
-_RELEASED_TO_OURS = [
-    (r'visible_module\.visible\.(conv1|bn1)\.', lambda m: f'visible_stem.{m[1]}.'),
-    (r'thermal_module\.thermal\.(conv1|bn1)\.', lambda m: f'infrared_stem.{m[1]}.'),
-    (r'(visible_module|thermal_module)\.', None),          # ResNet copies the forward never calls
-    (r'base_resnet\.base\.(layer[1-4])\.', lambda m: f'trunk.{m[1]}.'),
-    (r'base_resnet\.base\.', None),
-    (r'bottleneck([1-4])\.', lambda m: f'bottlenecks.{int(m[1]) - 1}.'),
-    (r'classifier([1-4])\.', lambda m: f'classifiers.{int(m[1]) - 1}.'),
-    (r'encode([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.encode.'),
-    (r'fc([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.mix.'),
-    (r'bn([12])\.', lambda m: f'generator.{_SIDE[m[1]]}_encoder.norm.'),
-    (r'decode\.', lambda m: 'generator.decoder.'),
-]
-_SIDE = {'1': 'visible', '2': 'infrared'}
+class MMNMethod(Method):
+    name, title = 'mmn', 'MMN'
+    summary = ('A generator makes a middle-modality image of every input that the two-stream '
+               'ResNet-50 also learns from; 4 stripes with a BNNeck each; id + four-pair triplet '
+               '+ consistency of the middle images.')
+    # The released train.py defaults (ZYK100/MMN at 01d70d5): lr 0.1 (:24), warm-up 10 and x0.1
+    # at 20 and 50 (:217-233), pad 10 (:101) are AGW's; 4 ids (:36) x 4 images (:40), 384 x 192
+    # (:35, :34), 81 epochs (:397), no random grayscale (:99-107), random erasing p 0.5 area
+    # 0.02-0.4 filled with 0 (:106; random_erasing.py:33-77: uniform aspect, 100 tries, as our
+    # channel erasing draws it).
+    recipe = dict(**AGW_SCHEDULE, batch_size=4, num_pos=4, img_h=384, img_w=192, epochs=81,
+                  grayscale=0.0, erasing=(0.02, 0.4), erasing_kind='channel-zero')
+    own_flags = ('mmn_delta', 'mmn_train_dcl_head')
+    head_prefixes = ('bottlenecks.', 'classifiers.')  # released train.py:192-214
+    fusions, headline = FUSIONS, HEADLINE
+
+    def add_arguments(self, group):
+        group.add_argument('--mmn-delta', type=float, help="weight of MMN's distribution-"
+                           'consistency term (default: 0.2, the released --delta)')
+        group.add_argument('--mmn-train-dcl-head', action='store_true', default=None,
+                           help="train MMN's consistency projection head (default: off, as "
+                           'released: a random head drawn from --seed, frozen)')
+
+    def resolve(self, args):
+        check_stripe_rows(args.img_h)
+        if args.channel_aug:
+            raise UserError(f'{flag("channel_aug")} adds a third view, but MMN trains on '
+                            f'[visible; infrared] pairs and their middle images; drop it.')
+        if args.mmn_delta is None:
+            args.mmn_delta = 0.2   # released train.py:45
+        if args.mmn_train_dcl_head and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            raise UserError(f'{flag("mmn_train_dcl_head")} trains a head outside the DDP network '
+                            f'whose gradients torchrun would not average; train it in one process.')
+        args.mmn_train_dcl_head = bool(args.mmn_train_dcl_head)
+
+    def describe_network(self, args):
+        head = 'trained' if args.mmn_train_dcl_head else f'random from --seed {args.seed}, frozen'
+        return (f'MMN network: middle-modality generator, {STRIPES} stripes; consistency weight '
+                f'{args.mmn_delta}, projection head {head}')
+
+    def build_network(self, num_classes, dataset, arch='resnet50', settings=None):
+        return MMN(num_classes, arch=arch)
+
+    def build_criterion(self, args, views):
+        return MMNCriterion(STRIPE_WIDTHS[args.arch], margin=args.margin, delta=args.mmn_delta,
+                            seed=args.seed, train_head=args.mmn_train_dcl_head)
+
+    def is_released_state_dict(self, keys):
+        return any(key.startswith('generator.') for key in keys)
 
 
-def is_released_state_dict(keys):
-    """Whether state dict keys are the released MMN network's (its generator and stripe heads)."""
-    keys = set(strip_prefixes(dict.fromkeys(keys)))
-    return {'encode1.weight', 'decode.weight', 'bottleneck4.weight'} <= keys
-
-
-def convert_released_state_dict(state_dict):
-    """A released MMN state dict ('module.' prefix tolerated) in our key layout (the unused
-    ResNet copies dropped)."""
-    converted = {}
-    for key, value in strip_prefixes(state_dict).items():
-        for pattern, rename in _RELEASED_TO_OURS:
-            match = re.match(pattern, key)
-            if match:
-                if rename is not None:
-                    converted[rename(match) + key[match.end():]] = value
-                break
-        else:
-            converted[key] = value
-    return converted
+MMN_METHOD = MMNMethod()
