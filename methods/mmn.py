@@ -154,7 +154,7 @@ class MMN(nn.Module):
         feat = [bottleneck(part) for bottleneck, part in zip(self.bottlenecks, pool)]
         if self.training:
             return MMNOutput(tuple(pool), tuple(c(f) for c, f in zip(self.classifiers, feat)))
-        sizes = [len(images) for images in (visible, infrared) if images is not None]
+        sizes = [images.shape[0] for images in (visible, infrared) if images is not None]
         return tuple(F.normalize(original_then_middle(torch.cat(parts, 1).float(), sizes), dim=1)
                      for parts in (pool, feat))
 
@@ -268,10 +268,12 @@ BRANCH_NAMES = {ORIGINAL: 'original', MIDDLE: 'middle'}
 class MiddleFusion:
     """A distance over the BNNeck features of both branches: the negative sum, element-wise min
     or max of the cosine matrices of the (query branch, gallery branch) `pairs`, accumulated one
-    matrix at a time. Its __doc__ says what it computes (results files and ONNX metadata)."""
+    matrix at a time. Its __doc__ says what it computes (results files and ONNX metadata), its
+    distance_bound the largest |distance| (the range of visualize.py's histograms)."""
 
     def __init__(self, pairs, combine='sum'):
         self.pairs, self.combine = tuple(pairs), combine
+        self.distance_bound = float(len(self.pairs)) if combine == 'sum' else 1.0  # of cosines
         terms = [f'cos(BNNeck {BRANCH_NAMES[q]} query, BNNeck {BRANCH_NAMES[g]} gallery)'
                  for q, g in self.pairs]
         self.__doc__ = ('distance = -' + (terms[0] if len(terms) == 1 else

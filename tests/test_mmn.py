@@ -1,15 +1,30 @@
 """MMN: each module against a direct transcription of its formula on small inputs (generator,
-stripes, four-pair triplet, consistency term, the frozen seeded head)."""
+stripes, four-pair triplet, consistency term, the frozen seeded head, the seven fusions); its
+recipe and flags; a training run on synthetic data, its exact resume (the frozen head included)
+and every tool on its checkpoint."""
+import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.mmn import (MMN, MMNCriterion, MMNOutput, MiddleModalityGenerator,
+import export
+import reproduce
+import search
+import test as test_script
+import training
+import visualize
+from data_loader import ChannelRandomErasing
+from inference import CHECKPOINT_FORMAT, ReIDModel, embed_batch, load_trained_model, rank_gallery
+from methods import build_network, get_method
+from methods.mmn import (MMN, STRIPE_WIDTHS, MMNCriterion, MMNOutput, MiddleModalityGenerator,
                          check_stripe_rows, consistency_loss, four_pair_triplet_loss,
                          horizontal_stripes, seeded_consistency_head)
-from utils import UserError
+from tiny_runs import TINY, train_argv
+from utils import UserError, load_checkpoint, run_main
 
 
 def batchnorm_train(x, bn, dims):
@@ -253,3 +268,214 @@ def test_fusions_are_the_released_seven_combinations():
     other_pool = query.clone()
     other_pool[:, 0] = torch.randn(5, 2, 8)
     torch.testing.assert_close(FUSIONS['sum'](other_pool, gallery), FUSIONS['sum'](query, gallery))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe and flags
+
+def test_recipe_is_the_released_one():
+    args = training.parse_args(['--method', 'mmn'])
+    assert (args.img_h, args.img_w, args.batch_size, args.num_pos) == (384, 192, 4, 4)
+    assert (args.lr, args.warmup, tuple(args.lr_steps), args.epochs) == (0.1, 10, (20, 50), 81)
+    assert (args.erasing, args.erasing_kind, args.grayscale, args.pad) == ((0.02, 0.4), 'channel-zero',
+                                                                          0.0, 10)
+    assert (args.margin, args.mmn_delta, args.mmn_train_dcl_head, args.channel_aug) == (0.3, 0.2,
+                                                                                     False, False)
+    demo = training.parse_args(['--method', 'mmn', '--dataset', 'demo'])
+    assert (demo.img_h, demo.img_w) == (64, 32)       # a layer4 map of 4 rows: one a stripe
+    check_stripe_rows(demo.img_h)
+
+
+def test_released_erasing_fills_its_box_with_zero():
+    views = get_method('mmn').training_views(training.parse_args(['--method', 'mmn']))
+    erasing = views[0].transform.transforms[-1]
+    assert isinstance(erasing, ChannelRandomErasing) and erasing.fill == (0.0, 0.0, 0.0)
+    assert (erasing.p, erasing.scale, erasing.ratio) == (0.5, (0.02, 0.4), 0.3)
+    erasing.p = 1.0
+    torch.manual_seed(0)
+    out = erasing(torch.full((3, 40, 20), 5.0))
+    box = out != 5.0
+    assert box.any() and torch.equal(box[0], box[1]) and torch.all(out[box] == 0)
+
+
+@pytest.mark.parametrize('argv, named', [
+    (['--method', 'mmn', '--img_h', '96'], '--img_h'),
+    (['--method', 'mmn', '--channel-aug'], '--channel-aug'),
+    (['--method', 'mmn', '--dee-stage', '2'], '--dee-stage'),
+    (['--method', 'mmn', '--adp-gamma', '2'], '--adp-gamma'),
+    (['--method', 'deen', '--mmn-delta', '0.5'], '--mmn-delta'),
+    (['--method', 'agw', '--mmn-train-dcl-head'], '--mmn-train-dcl-head'),
+])
+def test_bad_flags_are_refused_in_one_sentence(argv, named):
+    with pytest.raises(UserError, match=named) as error:
+        training.parse_args(argv)
+    assert str(error.value).count('. ') == 0 and str(error.value).endswith('.')
+
+
+def test_stripe_heads_and_a_trained_consistency_head_learn_at_the_base_lr():
+    torch.manual_seed(0)
+    model = MMN(3, arch='resnet18')
+    heads = get_method('mmn').head_prefixes
+    frozen = training.build_optimizer(model, 0.1, pretrained=True, head_prefixes=heads,
+                                      criterion=MMNCriterion(512))
+    body, head = frozen.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in head['params']) == sorted(
+        [f'bottlenecks.{k}.weight' for k in range(4)] + [f'classifiers.{k}.weight' for k in range(4)])
+    assert (body['lr_scale'], head['lr_scale']) == (0.1, 1.0)
+    assert any(names[id(p)].startswith('generator.') for p in body['params'])
+    trained = MMNCriterion(512, train_head=True)
+    head = training.build_optimizer(model, 0.1, head_prefixes=heads, criterion=trained).param_groups[1]
+    assert {id(p) for p in trained.parameters()} <= {id(p) for p in head['params']}
+    assert STRIPE_WIDTHS['resnet18'] == model.stripe_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, resume and the tools on an MMN checkpoint
+
+RUN = ['--method', 'mmn', '--epochs', 2, '--max-steps', 3, '--eval-every', 0]
+
+
+def run_dir(out, name):
+    return os.path.join(out, name, 'llcm_mmn_' + ('history.jsonl' if name == 'logs' else 'last.pth'))
+
+
+@pytest.fixture(scope='module')
+def straight(llcm_root, tmp_path_factory):
+    """An uninterrupted tiny MMN training on the synthetic LLCM: (out folder, last checkpoint)."""
+    out = str(tmp_path_factory.mktemp('mmn_straight'))
+    assert training.main(train_argv('llcm', llcm_root, out, *RUN)) == 0
+    return out, load_checkpoint(run_dir(out, 'models'))
+
+
+def test_a_training_run_saves_the_frozen_head_with_its_statistics(straight):
+    _, checkpoint = straight
+    assert checkpoint['method'] == 'mmn' and checkpoint['args']['erasing_kind'] == 'channel-zero'
+    saved = checkpoint['criterion']
+    fresh = MMNCriterion(512, seed=0).state_dict()
+    assert torch.equal(saved['head.project.weight'], fresh['head.project.weight'])  # never trained
+    assert torch.equal(saved['head.mlp.2.weight'], fresh['head.mlp.2.weight'])
+    assert int(saved['head.mlp.0.num_batches_tracked']) == 6 * 4   # 6 steps x 4 stripes
+    assert not torch.equal(saved['head.mlp.0.running_mean'], fresh['head.mlp.0.running_mean'])
+    with open(run_dir(straight[0], 'logs')) as handle:
+        records = [json.loads(line) for line in handle]
+    assert set(records[-1]['losses']) >= {'id', 'tri', 'dcl'}
+
+
+def test_resume_inside_an_epoch_is_bit_exact_for_the_network_and_the_head(straight, llcm_root,
+                                                                          tmp_path, monkeypatch):
+    out = str(tmp_path)
+    argv = train_argv('llcm', llcm_root, out, *RUN)
+    calls, forward = [], MMNCriterion.forward
+
+    def signalling(self, output, labels):
+        calls.append(1)
+        if len(calls) == 5:                      # epoch 1, step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, output, labels)
+    with monkeypatch.context() as patch:
+        patch.setattr(MMNCriterion, 'forward', signalling)
+        assert training.main(argv) == 130
+    stopped = load_checkpoint(run_dir(out, 'models'))
+    assert (stopped['epoch'], stopped['step']) == (1, 2)
+    assert int(stopped['criterion']['head.mlp.0.num_batches_tracked']) == 5 * 4
+    assert training.main(argv + ['--resume', 'last']) == 0
+    expected, actual = straight[1], load_checkpoint(run_dir(out, 'models'))
+    for part in ('model', 'criterion'):
+        assert expected[part].keys() == actual[part].keys()
+        assert all(torch.equal(expected[part][k], actual[part][k]) for k in expected[part]), part
+
+
+@pytest.fixture(scope='module')
+def seeded(tmp_path_factory):
+    """Checkpoints of an untrained, seeded ResNet-18 MMN at 64x32 for SYSU-MM01 and RegDB."""
+    folder, paths = tmp_path_factory.mktemp('mmn_seeded'), {}
+    for dataset, classes in (('sysu', 4), ('regdb', 4)):
+        torch.manual_seed(0)
+        model = build_network('mmn', classes, dataset, arch='resnet18')
+        paths[dataset] = folder / f'{dataset}.pth'
+        torch.save({'format': CHECKPOINT_FORMAT, 'dataset': dataset, 'method': 'mmn',
+                    'arch': 'resnet18', 'num_classes': classes, 'img_h': 64, 'img_w': 32,
+                    'model': model.state_dict(), 'epoch': 0}, paths[dataset])
+    return paths
+
+
+def run_test_py(dataset, data_path, checkpoint, out, *extra):
+    assert test_script.main(['--dataset', dataset, '--data-path', str(data_path), '--resume',
+                             str(checkpoint), '--device', 'cpu', '--workers', '0', '--output',
+                             str(out), *map(str, extra)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_test_py_reports_the_seven_fusions_on_every_protocol(straight, seeded, llcm_root,
+                                                             sysu_root, regdb_root, tmp_path):
+    names = list(get_method('mmn').fusions)
+    runs = {'llcm': run_test_py('llcm', llcm_root, run_dir(straight[0], 'models'),
+                                tmp_path / 'llcm.json', '--trial', 0),
+            'sysu': run_test_py('sysu', sysu_root, seeded['sysu'], tmp_path / 'sysu.json',
+                                '--mode', 'both', '--trial', 0),
+            'regdb': run_test_py('regdb', regdb_root, seeded['regdb'], tmp_path / 'regdb.json',
+                                 '--trial', 1)}
+    settings = {dataset: set(record['results']) for dataset, record in runs.items()}
+    assert {'ir_to_vis', 'vis_to_ir', 'released_vis_to_ir'} <= settings['llcm']
+    assert {'all ir_to_vis', 'indoor ir_to_vis'} <= settings['sysu']
+    assert {'vis_to_ir', 'ir_to_vis'} <= settings['regdb']
+    for record in runs.values():
+        assert record['models'][0]['method'] == 'mmn'
+        assert list(record['protocol']['fusions']) == names
+        assert record['protocol']['fusions']['min'].startswith('distance = -min(cos(BNNeck original')
+        for by_fusion in record['results'].values():
+            assert list(by_fusion) == names
+
+
+def test_visualize_search_export_and_the_api_on_an_mmn_checkpoint(straight, llcm_root, tmp_path):
+    checkpoint = run_dir(straight[0], 'models')
+    features = tmp_path / 'features.pt'
+    reported = run_test_py('llcm', llcm_root, checkpoint, tmp_path / 'r.json', '--save-features',
+                           features)['results']
+    for fusion, bound in (('orig/orig', 1.0), ('sum', 4.0)):
+        out = tmp_path / fusion.replace('/', '_')
+        assert visualize.main(['--dataset', 'llcm', '--features', str(features), '--out', str(out),
+                               '--fusion', fusion, 'cmc', 'distances']) == 0
+        cmc = json.loads((out / 'cmc.json').read_text())
+        for setting, curve in cmc.items():
+            assert curve['mean'][0] == pytest.approx(reported[setting][fusion]['Rank-1'][0], abs=1e-9)
+        edges = json.loads((out / 'distances.json').read_text())['bin_edges']
+        assert (edges[0], edges[-1]) == (-bound, bound)
+
+    model = ReIDModel.load(checkpoint, device='cpu')
+    gallery_dir = llcm_root / 'test_vis'
+    gallery = sorted(str(p) for p in gallery_dir.rglob('*.jpg'))[:6]
+    query = sorted(str(p) for p in (llcm_root / 'test_nir').rglob('*.jpg'))[:2]
+    q, g = model.embed(query, 'infrared'), model.embed(gallery, 'visible')
+    assert q.shape == (2, 2, 2, 4 * 512)
+    order, distances = rank_gallery(q, g, fusion='max', method='mmn')
+    expected = get_method('mmn').fusions['max'](q, g).sort(dim=1, stable=True)
+    assert torch.equal(order, expected.indices) and torch.equal(distances, expected.values)
+
+    found = tmp_path / 'search'
+    assert run_main(lambda: search.main(list(map(str, [
+        '--resume', checkpoint, '--query', query[0], '--query-modality', 'infrared', '--gallery',
+        gallery_dir, '--gallery-modality', 'visible', '--out', found, '--topk', 3,
+        '--device', 'cpu'])))) == 0
+    result = json.loads((found / 'search.json').read_text())
+    assert result['fusion'] == 'orig/orig'
+
+    onnx = pytest.importorskip('onnxruntime') and tmp_path / 'mmn.onnx'
+    pytest.importorskip('onnx')
+    assert export.main(['--resume', checkpoint, '--modality', 'infrared', '--out', str(onnx)]) == 0
+    from onnx_export import onnx_features, onnx_session
+    images = torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(1))
+    (got,) = onnx_features(onnx_session(str(onnx)), ('infrared',), [images])
+    network, _ = load_trained_model(checkpoint, device='cpu')
+    with torch.inference_mode():
+        reference = embed_batch(network, 'infrared', images).numpy()
+    assert got.shape == reference.shape == (3, 2, 2, 2048)
+    assert abs(got - reference).max() < 1e-4
+
+
+def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'repro'
+    assert reproduce.main(['--method', 'mmn', '--dataset', 'demo', '--out', str(out), '--dry-run']) == 0
+    assert 'mmn' in capsys.readouterr().out
+    assert not out.exists() and list(tmp_path.iterdir()) == []
