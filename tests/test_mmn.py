@@ -474,8 +474,11 @@ def test_visualize_search_export_and_the_api_on_an_mmn_checkpoint(straight, llcm
     assert abs(got - reference).max() < 1e-4
 
 
-def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
+def test_reproduce_dry_run_writes_nothing_and_refuses_another_methods_flag(tmp_path, capsys):
     out = tmp_path / 'repro'
-    assert reproduce.main(['--method', 'mmn', '--dataset', 'demo', '--out', str(out), '--dry-run']) == 0
-    assert 'mmn' in capsys.readouterr().out
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    argv = ['--method', 'mmn', '--dataset', 'demo', '--out', str(out), '--dry-run']
+    assert reproduce.main(argv) == 0
+    assert '[1/1] demo mmn seed 0: train and test' in capsys.readouterr().out
+    assert run_main(lambda: reproduce.main(argv + ['--lambda_1', '0.5'])) == 2
+    assert '--lambda_1' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
