@@ -294,7 +294,8 @@ def training_views(img_h, img_w, erasing=(0.02, 0.4), grayscale=0.5, pad=10, era
     channel_aug adds CAJ's views: [visible, visible + ChannelExchange, infrared +
     ChannelAdaptiveGray], each drawn independently from the same visible / infrared image."""
     if erasing_kind not in ERASING_KINDS:
-        raise ValueError(f'erasing_kind must be one of {", ".join(ERASING_KINDS)}, got {erasing_kind!r}')
+        raise ValueError(f'erasing_kind must be one of {", ".join(ERASING_KINDS)}, got '
+                         f'{erasing_kind!r}')
     channel_erasing = erasing_kind in CHANNEL_ERASING_FILLS and erasing
     base = train_transform(img_h, img_w, None if channel_erasing else erasing, grayscale, pad)
     if channel_erasing:

@@ -50,9 +50,9 @@ def build_parser():
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
                        'of Rank-1 and mAP against the value and its JSON')
     table.add_argument('--method', default='deen', choices=tuple(training.RECIPES),
-                       help='the row to reproduce: a method\'s released recipe (deen, agw, caj), '
-                       'or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; agw is '
-                       'its AGW*)')
+                       help='the row to reproduce: a method\'s released recipe (deen, agw, caj, '
+                       'mmn), or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; '
+                       'agw is its AGW*)')
     table.add_argument('--fusion', choices=fusion_names(),
                        help='the fusion compared with the published numbers, one the method '
                        'reports (default: its headline, DEEN\'s pool+feat; pool, feat: the '

@@ -70,7 +70,7 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the current step finished and `last` was saved."""
 
 
-DESCRIPTION = ('Train DEEN (any of its ablation variants), or the AGW or CAJ baseline, on '
+DESCRIPTION = ('Train DEEN (any of its ablation variants), or the AGW, CAJ or MMN baseline, on '
                'SYSU-MM01, RegDB, LLCM or the embedded demo dataset: one process or many '
                '(torchrun, DDP), mixed precision, exact resume and atomic checkpoints.')
 

@@ -61,7 +61,7 @@ class MiddleModalityGenerator(nn.Module):
 
 
 class MMNOutput(NamedTuple):
-    pool: Tuple[torch.Tensor, ...]    # per stripe [4B, C] pre-BN pooled (fp32), rows [V; M_v; I; M_i]
+    pool: Tuple[torch.Tensor, ...]    # per stripe [4B, C] pre-BN pooled (fp32): [V; M_v; I; M_i]
     logits: Tuple[torch.Tensor, ...]  # per stripe [4B, #ids]
 
 
@@ -130,7 +130,8 @@ class MMN(nn.Module):
         self.trunk = ResNetTrunk(resnet)
         width = self.widths[3]
         self.bottlenecks = nn.ModuleList(make_bnneck(width) for _ in range(STRIPES))
-        self.classifiers = nn.ModuleList(make_classifier(width, num_classes) for _ in range(STRIPES))
+        self.classifiers = nn.ModuleList(make_classifier(width, num_classes)
+                                         for _ in range(STRIPES))
         self.generator = MiddleModalityGenerator()
         self.stripe_dim, self.embed_dim = width, STRIPES * width
 
@@ -139,9 +140,11 @@ class MMN(nn.Module):
         part of it that was given) -> [M, 64, H/4, W/4]."""
         parts = []
         if visible is not None:
-            parts.append(self.visible_stem(torch.cat([visible, self.generator.visible(visible)])))
+            middle = self.generator.visible(visible)
+            parts.append(self.visible_stem(torch.cat([visible, middle])))
         if infrared is not None:
-            parts.append(self.infrared_stem(torch.cat([infrared, self.generator.infrared(infrared)])))
+            middle = self.generator.infrared(infrared)
+            parts.append(self.infrared_stem(torch.cat([infrared, middle])))
         if not parts:
             raise ValueError('forward needs visible and/or infrared images')
         return torch.cat(parts)
@@ -331,16 +334,26 @@ class MMNMethod(Method):
                            'released: a random head drawn from --seed, frozen)')
 
     def resolve(self, args):
+        from checks import check_real  # checks imports the registry
         check_stripe_rows(args.img_h)
         if args.channel_aug:
             raise UserError(f'{flag("channel_aug")} adds a third view, but MMN trains on '
                             f'[visible; infrared] pairs and their middle images; drop it.')
         if args.mmn_delta is None:
             args.mmn_delta = 0.2   # released train.py:45
+        check_real(args.mmn_delta, 'mmn_delta')
         if args.mmn_train_dcl_head and int(os.environ.get('WORLD_SIZE', '1')) > 1:
             raise UserError(f'{flag("mmn_train_dcl_head")} trains a head outside the DDP network '
                             f'whose gradients torchrun would not average; train it in one process.')
         args.mmn_train_dcl_head = bool(args.mmn_train_dcl_head)
+
+    def network_settings(self, args):
+        # not the network's shape but what its checkpoint's optimiser state holds: a run is
+        # continued with the same head setting (checks.check_resume_network)
+        return {'mmn_train_dcl_head': args.mmn_train_dcl_head}
+
+    def recorded_settings(self, dataset, recorded):
+        return {'mmn_train_dcl_head': bool((recorded or {}).get('mmn_train_dcl_head'))}
 
     def describe_network(self, args):
         head = 'trained' if args.mmn_train_dcl_head else f'random from --seed {args.seed}, frozen'

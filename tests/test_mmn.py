@@ -305,6 +305,7 @@ def test_released_erasing_fills_its_box_with_zero():
     (['--method', 'mmn', '--adp-gamma', '2'], '--adp-gamma'),
     (['--method', 'deen', '--mmn-delta', '0.5'], '--mmn-delta'),
     (['--method', 'agw', '--mmn-train-dcl-head'], '--mmn-train-dcl-head'),
+    (['--method', 'mmn', '--mmn-delta', '-1'], '--mmn-delta'),
 ])
 def test_bad_flags_are_refused_in_one_sentence(argv, named):
     with pytest.raises(UserError, match=named) as error:
@@ -379,6 +380,7 @@ def test_resume_inside_an_epoch_is_bit_exact_for_the_network_and_the_head(straig
     stopped = load_checkpoint(run_dir(out, 'models'))
     assert (stopped['epoch'], stopped['step']) == (1, 2)
     assert int(stopped['criterion']['head.mlp.0.num_batches_tracked']) == 5 * 4
+    assert run_main(lambda: training.main(argv + ['--resume', 'last', '--mmn-train-dcl-head'])) == 2
     assert training.main(argv + ['--resume', 'last']) == 0
     expected, actual = straight[1], load_checkpoint(run_dir(out, 'models'))
     for part in ('model', 'criterion'):
