@@ -484,3 +484,26 @@ def test_reproduce_dry_run_writes_nothing_and_refuses_another_methods_flag(tmp_p
     assert run_main(lambda: reproduce.main(argv + ['--lambda_1', '0.5'])) == 2
     assert '--lambda_1' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_autocast_trains_and_tests_an_mmn(llcm_root, tmp_path, capsys):
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--method', 'mmn', '--epochs', 1,
+                      '--max-steps', 2, '--amp', 'bf16', '--eval-every', 0)
+    assert training.main(argv) == 0
+    checkpoint = tmp_path / 'models' / 'llcm_mmn_last.pth'
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(checkpoint)['criterion'].values()
+               if v.is_floating_point())
+    run_test_py('llcm', llcm_root, checkpoint, tmp_path / 'bf16.json', '--trial', 0, '--amp', 'bf16')
+    assert 'llcm ir_to_vis' in capsys.readouterr().out
+
+
+def test_two_torchrun_processes_train_mmn_in_lock_step(llcm_root, tmp_path):
+    from test_distributed import run_probe
+    result, (rank0, rank1) = run_probe(tmp_path, train_argv('llcm', llcm_root, str(tmp_path),
+                                                            '--method', 'mmn', '--epochs', 1,
+                                                            '--max-steps', 2, '--eval-every', 0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rank0['weights']) == 2 and rank0['weights'] == rank1['weights']
+    refused, _ = run_probe(tmp_path / 'head', train_argv('llcm', llcm_root, str(tmp_path / 'head'),
+                                                          '--method', 'mmn', '--mmn-train-dcl-head'))
+    assert refused.returncode != 0 and '--mmn-train-dcl-head trains a head outside' in refused.stderr
