@@ -507,3 +507,12 @@ def test_two_torchrun_processes_train_mmn_in_lock_step(llcm_root, tmp_path):
     refused, _ = run_probe(tmp_path / 'head', train_argv('llcm', llcm_root, str(tmp_path / 'head'),
                                                           '--method', 'mmn', '--mmn-train-dcl-head'))
     assert refused.returncode != 0 and '--mmn-train-dcl-head trains a head outside' in refused.stderr
+
+
+def test_a_test_size_without_four_stripes_is_refused_naming_img_h():
+    from checks import check_network_input
+    model = tiny_model().eval()
+    check_network_input(model, 'mmn', 64, 32)
+    with pytest.raises(UserError, match=r'^--img_h 96 x --img_w 32 does not fit the MMN network: '
+                                        r'.*6 rows high \(3 stripes\); use --img_h 49-64'):
+        check_network_input(model, 'mmn', 96, 32)
