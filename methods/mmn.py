@@ -232,7 +232,7 @@ class MMNCriterion(nn.Module):
 
     def __init__(self, stripe_dim, margin=0.3, delta=0.2, seed=0, train_head=False):
         super().__init__()
-        self.margin, self.delta, self.train_head = margin, delta, train_head
+        self.margin, self.delta = margin, delta
         self.head = seeded_consistency_head(stripe_dim, seed)
         self.head.requires_grad_(train_head)
 
