@@ -272,6 +272,11 @@ class ChannelAdaptiveGray:
         return gray.expand_as(image).clone()
 
 
+# random erasing kinds: torchvision's ('zero') or ChannelRandomErasing with CAJ's constants or 0
+CHANNEL_ERASING_FILLS = {'channel': CHANNEL_ERASING_FILL, 'channel-zero': (0.0, 0.0, 0.0)}
+ERASING_KINDS = ('zero', *CHANNEL_ERASING_FILLS)
+
+
 class View(NamedTuple):
     """One image a training sample yields: read from the cache of modality `stem`, augmented by
     `transform`, passed through that modality's stem, labelled with that image's identity."""
@@ -284,15 +289,18 @@ def training_views(img_h, img_w, erasing=(0.02, 0.4), grayscale=0.5, pad=10, era
                    channel_aug=False):
     """The views of a training sample. Without channel augmentation, DEEN's and AGW's two:
     [visible, infrared], both through train_transform (erasing_kind 'zero': torchvision's
-    erasing, filled with 0). erasing_kind 'channel' uses ChannelRandomErasing instead (CAJ).
+    erasing, filled with 0). erasing_kind 'channel' uses ChannelRandomErasing instead (CAJ),
+    'channel-zero' the same filled with 0 (MMN's released erasing).
     channel_aug adds CAJ's views: [visible, visible + ChannelExchange, infrared +
     ChannelAdaptiveGray], each drawn independently from the same visible / infrared image."""
-    if erasing_kind not in ('zero', 'channel'):
-        raise ValueError(f'erasing_kind must be zero or channel, got {erasing_kind!r}')
-    channel_erasing = erasing_kind == 'channel' and erasing
+    if erasing_kind not in ERASING_KINDS:
+        raise ValueError(f'erasing_kind must be one of {", ".join(ERASING_KINDS)}, got '
+                         f'{erasing_kind!r}')
+    channel_erasing = erasing_kind in CHANNEL_ERASING_FILLS and erasing
     base = train_transform(img_h, img_w, None if channel_erasing else erasing, grayscale, pad)
     if channel_erasing:
-        base = v2.Compose([base, ChannelRandomErasing(scale=erasing)])
+        fill = CHANNEL_ERASING_FILLS[erasing_kind]
+        base = v2.Compose([base, ChannelRandomErasing(scale=erasing, fill=fill)])
     if not channel_aug:
         return [View('visible', 'visible', base), View('infrared', 'infrared', base)]
     return [View('visible', 'visible', base),

@@ -1,4 +1,5 @@
-"""The published numbers of DEEN, AGW (with and without random erasing), CAJ and DDAG, in one table
+"""The published numbers of DEEN and of the LLCM benchmark's baselines (AGW with and without random
+erasing, CAJ, DDAG, MMN, LbA, DART), in one table
 with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 from typing import NamedTuple, Optional
@@ -53,6 +54,17 @@ SOURCES = {
                         'two unlabelled column groups, read as IR->VIS and the released test.py\'s '
                         '"VIS to IR" (released_vis_to_ir), '
                         + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+    'readme-mmn-llcm': 'released code README, section 4 "Results", MMN row (LLCM re-run by the DEEN '
+                       'authors; the same in ZYK100/LLCM README.md:25), '
+                       + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac')
+                       + ' line 59',
+    'mmn-readme': 'Zhang et al., "Towards a Unified Middle Modality Learning for Visible-Infrared '
+                  'Person Re-Identification", ACM MM 2021, released code README "Result" table '
+                  '(lines 21-24, "~" values), https://github.com/ZYK100/MMN/blob/'
+                  '01d70d523258dc46a202d114715fbc3cab230894/README.md; the README names neither the '
+                  'setting nor which of its test\'s seven fusions it reports: placed here under '
+                  'SYSU-MM01 all-search and RegDB IR->VIS, the defaults of its test.py (mode all; '
+                  'RegDB --tvsearch, always on)',
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -99,6 +111,12 @@ PUBLISHED = {
         'readme-ddag': {'Rank-1': 42.36, 'Rank-10': 72.69, 'Rank-20': 80.63, 'mAP': 48.97}},
     ('ddag', 'llcm', 'released_vis_to_ir'): {
         'readme-ddag': {'Rank-1': 51.42, 'Rank-10': 81.45, 'Rank-20': 88.26, 'mAP': 38.77}},
+    ('mmn', 'llcm', 'ir_to_vis'): {
+        'readme-mmn-llcm': {'Rank-1': 50.14, 'Rank-10': 79.81, 'Rank-20': 87.27, 'mAP': 56.66}},
+    ('mmn', 'llcm', 'released_vis_to_ir'): {
+        'readme-mmn-llcm': {'Rank-1': 63.97, 'Rank-10': 88.66, 'Rank-20': 93.05, 'mAP': 48.47}},
+    ('mmn', 'sysu', 'all ir_to_vis'): {'mmn-readme': {'Rank-1': 70.6, 'mAP': 66.9}},
+    ('mmn', 'regdb', 'ir_to_vis'): {'mmn-readme': {'Rank-1': 91.6, 'mAP': 84.1}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',

@@ -18,7 +18,7 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache
+from data_loader import ERASING_KINDS, CrossModalTrainSet, load_or_build_cache
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
 from evaluation import selection_rank1, selection_split
 from inference import inference_model
@@ -70,7 +70,7 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the current step finished and `last` was saved."""
 
 
-DESCRIPTION = ('Train DEEN (any of its ablation variants), or the AGW or CAJ baseline, on '
+DESCRIPTION = ('Train DEEN (any of its ablation variants), or the AGW, CAJ or MMN baseline, on '
                'SYSU-MM01, RegDB, LLCM or the embedded demo dataset: one process or many '
                '(torchrun, DDP), mixed precision, exact resume and atomic checkpoints.')
 
@@ -116,9 +116,10 @@ def build_parser():
     augmentation.add_argument('--random-erasing', action=argparse.BooleanOptionalAction,
                               help="random erasing (default: on; --no-random-erasing: the paper's "
                               'AGW row, on: AGW*)')
-    augmentation.add_argument('--erasing-kind', choices=('zero', 'channel'),
-                              help="random erasing's fill: zero (DEEN, AGW) or channel (CAJ's "
-                              "per-channel constants) (default: the method's)")
+    augmentation.add_argument('--erasing-kind', choices=ERASING_KINDS,
+                              help="random erasing: zero (torchvision's, filled with 0: DEEN, "
+                              "AGW), channel (CAJ's, its per-channel constants) or channel-zero "
+                              "(CAJ's box drawing filled with 0: MMN) (default: the method's)")
 
     schedule = parser.add_argument_group('schedule')
     schedule.add_argument('--optim', choices=('sgd', 'adam'), help='optimiser (default: sgd, '
@@ -215,12 +216,15 @@ def learning_rate(base_lr, epoch, warmup, steps):
 
 
 def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
-                    head_prefixes=('bottleneck.', 'classifier.')):
+                    head_prefixes=('bottleneck.', 'classifier.'), criterion=None):
     """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (the parameters named
-    with head_prefixes, the method's: BNNeck and classifier) at lr, the rest at 0.1 lr when it
-    starts from pretrained weights (the released recipe), else at lr."""
+    with head_prefixes, the method's: BNNeck and classifier; and the trainable parameters of an
+    nn.Module criterion) at lr, the rest at 0.1 lr when it starts from pretrained weights (the
+    released recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
             if name.startswith(tuple(head_prefixes)) and p.requires_grad]
+    if isinstance(criterion, torch.nn.Module):
+        head += [p for p in criterion.parameters() if p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
@@ -287,7 +291,7 @@ class Trainer:
             self.criterion.to(device)
         self.optimizer = build_optimizer(self.model, args.lr, args.optim,
                                          uses_pretrained(args.pretrained),
-                                         self.method.head_prefixes)
+                                         self.method.head_prefixes, self.criterion)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         path = resume_path(args, self.checkpoints.last_path, ctx) if args.resume else None
         if path:

@@ -36,7 +36,8 @@ class Method:
     named_recipes = {}               # reproduce.py's rows besides the method itself: name -> flags
     own_flags = ()                   # train.py dests that only this method takes
     head_prefixes = ('bottleneck.', 'classifier.')  # parameters trained at the base lr
-    fusions = POOL_FEAT_FUSIONS      # what test.py reports: name -> weights or callable
+    fusions = POOL_FEAT_FUSIONS      # what test.py reports: name -> weights or callable (with
+                                     # a distance_bound: visualize.py's histogram range)
     headline = 'pool+feat'           # the fusion of model selection and of the comparisons
     feature_kinds = ('pool', 'feat')  # the two features of the eval forward
     released_image_size = None       # (h, w) of the method's released checkpoints
