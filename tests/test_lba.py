@@ -1,0 +1,219 @@
+"""LbA: each piece of the cross-modal alignment against a direct transcription of its formula,
+the pair draws, the network's outputs and the criterion."""
+import random
+
+import pytest
+import torch
+
+from methods import lba
+from utils import UserError
+
+
+def maps(n=4, c=5, h=3, w=2, seed=0):
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sampler_labels(num_ids, num_pos, first=10):
+    """[visible; infrared] labels as the identity sampler lays them out (ids first, first + 1, ...)."""
+    half = torch.arange(first, first + num_ids).repeat_interleave(num_pos)
+    return torch.cat([half, half])
+
+
+# -- the pieces -------------------------------------------------------------------------------
+
+def test_activation_mask_is_the_min_max_normalised_channel_norm_per_image():
+    feat = maps()
+    mask = lba.activation_mask(feat)
+    assert mask.shape == (4, 1, 3, 2) and not mask.requires_grad
+    for i in range(4):
+        norms = [[sum(feat[i, c, y, x] ** 2 for c in range(5)) ** 0.5 for x in range(2)] for y in range(3)]
+        low = min(min(row) for row in norms)
+        high = max(max(row) for row in norms)
+        for y in range(3):
+            for x in range(2):
+                assert mask[i, 0, y, x].item() == pytest.approx((norms[y][x] - low) / (high - low + 1e-12))
+        assert mask[i].min().item() == 0.0 and mask[i].max().item() == pytest.approx(1.0)
+
+
+def test_correspondence_is_the_softmax_of_50_cosines_over_key_locations():
+    query, key = maps(seed=1), maps(seed=2)
+    matches = lba.correspondence(query, key)
+    assert matches.shape == (4, 6, 6)
+    for n in range(4):
+        q, k = query[n].flatten(1), key[n].flatten(1)   # [C, L]
+        for i in range(6):
+            cos = [torch.dot(q[:, i], k[:, j]) / (q[:, i].norm() * k[:, j].norm()) for j in range(6)]
+            exps = [torch.exp(50 * c) for c in cos]
+            for j in range(6):
+                assert matches[n, i, j].item() == pytest.approx((exps[j] / sum(exps)).item(), rel=1e-9, abs=1e-300)
+
+
+def test_warp_and_reconstruction_follow_their_formulas():
+    feat, key = maps(seed=5), maps(seed=6)
+    matches = lba.correspondence(feat, key)
+    warped = lba.warp(matches, key)
+    mask = lba.activation_mask(feat)
+    recon = lba.reconstruct(mask, warped, feat)
+    for n in range(4):
+        k = key[n].flatten(1)
+        for i in range(6):
+            expected = sum(matches[n, i, j] * k[:, j] for j in range(6))
+            assert torch.allclose(warped[n].flatten(1)[:, i], expected)
+            m = mask[n, 0].flatten()[i]
+            assert torch.allclose(recon[n].flatten(1)[:, i], m * expected + (1 - m) * feat[n].flatten(1)[:, i])
+
+
+def test_co_attention_is_the_min_max_normalised_product_of_query_mask_and_matched_key_mask():
+    feat, key = maps(seed=7), maps(seed=8)
+    matches = lba.correspondence(feat, key)
+    query_mask, key_mask = lba.activation_mask(feat), lba.activation_mask(key)
+    comask = lba.co_attention(matches, query_mask, key_mask)
+    assert comask.shape == (4, 1, 3, 2) and not comask.requires_grad
+    for n in range(4):
+        mq, mk = query_mask[n, 0].flatten(), key_mask[n, 0].flatten()
+        joint = [mq[i] * sum(matches[n, i, j] * mk[j] for j in range(6)) for i in range(6)]
+        low, high = min(joint), max(joint)
+        for i in range(6):
+            assert comask[n, 0].flatten()[i].item() == pytest.approx(((joint[i] - low) / (high - low + 1e-12)).item())
+
+
+def released_dense_loss(comask, feat, positive, negative):
+    """The released term as torch 1.7 computed it: the triplet's distance is the norm over dim 1
+    of (a - b + 1e-6), loss [N, H, W] unreduced, times comask [N, 1, H, W] broadcast to
+    [N, N, H, W], then the mean."""
+    d_pos = (feat - positive + 1e-6).norm(dim=1)
+    d_neg = (feat - negative + 1e-6).norm(dim=1)
+    loss = torch.clamp(0.3 + d_pos - d_neg, min=0)
+    product = torch.stack([torch.stack([comask[i, 0] * loss[j] for j in range(len(loss))])
+                           for i in range(len(comask))])
+    assert product.shape == (len(comask), len(loss), *loss.shape[1:])
+    return product.mean()
+
+
+def test_dense_triplet_reproduces_the_released_batch_averaged_product_by_default():
+    feat, positive, negative = maps(seed=9), maps(seed=10), maps(seed=11)
+    comask = torch.rand(4, 1, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hinge = lba.dense_hinge(feat, positive, negative)
+    assert hinge.shape == (4, 3, 2) and (hinge > 0).any() and (hinge == 0).any()
+    for n in range(4):
+        for y in range(3):
+            for x in range(2):
+                d_pos = sum((feat[n, c, y, x] - positive[n, c, y, x] + 1e-6) ** 2 for c in range(5)) ** 0.5
+                d_neg = sum((feat[n, c, y, x] - negative[n, c, y, x] + 1e-6) ** 2 for c in range(5)) ** 0.5
+                assert hinge[n, y, x].item() == pytest.approx(max(0.0, 0.3 + d_pos - d_neg))
+    batch_averaged = lba.dense_triplet(comask.squeeze(1), hinge)
+    assert batch_averaged.item() == pytest.approx(released_dense_loss(comask, feat, positive, negative).item())
+    per_sample = lba.dense_triplet(comask.squeeze(1), hinge, per_sample=True)
+    expected = sum(comask[n, 0, y, x] * hinge[n, y, x] for n in range(4) for y in range(3) for x in range(2)) / 24
+    assert per_sample.item() == pytest.approx(expected.item())
+    assert per_sample.item() != pytest.approx(batch_averaged.item())
+
+
+def test_align_composes_the_pieces_on_the_drawn_partners():
+    feat = maps(seed=12).float()
+    positive, negative = torch.tensor([2, 3, 0, 1]), torch.tensor([3, 2, 1, 0])
+    recon, terms = lba.align(feat, positive, negative)
+    mask = lba.activation_mask(feat)
+    matches = lba.correspondence(feat, feat[positive])
+    expected_recon = lba.reconstruct(mask, lba.warp(matches, feat[positive]), feat)
+    negative_recon = lba.reconstruct(mask, lba.warp(lba.correspondence(feat, feat[negative]), feat[negative]), feat)
+    assert torch.allclose(recon, expected_recon)
+    assert torch.allclose(terms.comask, lba.co_attention(matches, mask, mask[positive]).squeeze(1))
+    assert torch.allclose(terms.hinge, lba.dense_hinge(feat, expected_recon, negative_recon))
+
+
+# -- the pair draws ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('num_ids,num_pos', [(8, 4), (4, 4), (2, 2), (3, 1)])
+def test_pairs_are_cross_modal_positives_of_the_same_identity_and_negatives_of_others(num_ids, num_pos):
+    labels = sampler_labels(num_ids, num_pos)
+    half = num_ids * num_pos
+    positive, negative = lba.draw_pairs(labels, torch.Generator().manual_seed(3))
+    rows = torch.arange(2 * half)
+    assert ((rows < half) == (positive >= half)).all() and ((rows < half) == (negative >= half)).all()
+    assert torch.equal(labels[positive], labels)
+    assert (labels[negative] != labels).all()
+    for start in range(0, 2 * half, num_pos):   # an identity's anchors take each of its images once
+        block = positive[start:start + num_pos]
+        assert sorted(block.tolist()) == sorted(set(block.tolist()))
+        negative_ids = labels[negative[start:start + num_pos]].tolist()
+        assert len(set(negative_ids)) == min(num_pos, num_ids - 1)
+
+
+def test_pairs_are_drawn_from_the_seeded_torch_generator_not_python_random():
+    labels = sampler_labels(8, 4)
+    first = lba.draw_pairs(labels, torch.Generator().manual_seed(5))
+    again = lba.draw_pairs(labels, torch.Generator().manual_seed(5))
+    other = lba.draw_pairs(labels, torch.Generator().manual_seed(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(7)
+    random.seed(1)
+    default = lba.draw_pairs(labels)
+    torch.manual_seed(7)
+    random.seed(2)
+    assert all(torch.equal(a, b) for a, b in zip(default, lba.draw_pairs(labels)))
+
+
+def test_pairs_refuse_batches_not_laid_out_by_the_identity_sampler():
+    with pytest.raises(ValueError, match='same identity'):
+        lba.draw_pairs(torch.tensor([1, 1, 2, 2, 1, 2, 1, 2]))
+    with pytest.raises(ValueError, match='identity sampler'):
+        lba.draw_pairs(torch.tensor([1, 2, 1, 2, 1, 2, 1, 2]))
+    with pytest.raises(ValueError, match='2 identities'):
+        lba.draw_pairs(torch.tensor([1, 1, 1, 1]))
+
+
+# -- network and criterion --------------------------------------------------------------------
+
+def test_network_trains_on_alignments_and_tests_on_gem_features():
+    torch.manual_seed(0)
+    model = lba.LbANet(num_classes=3, arch='resnet18')
+    visible, infrared = torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32)
+    labels = sampler_labels(2, 2, first=1)
+    out = model(visible=visible, infrared=infrared, labels=labels)
+    assert out.pool.shape == (8, 512) and out.logits.shape == out.logits_l3.shape == (8, 3)
+    assert out.dense_l3.comask.shape == out.dense_l4.hinge.shape == (8, 4, 2)
+    tracked = model.bottleneck.num_batches_tracked.item()
+    assert tracked == 3 and model.trunk.layer4[0].bn1.num_batches_tracked.item() == 2
+    total, parts = lba.LbACriterion()(out, labels)
+    assert list(parts) == ['id', 'tri', 'id_l3', 'id_l4', 'dense_l3', 'dense_l4']
+    assert total.item() == pytest.approx(sum(parts.values()).item(), rel=1e-5)
+    assert parts['dense_l3'].item() == pytest.approx(
+        0.5 * lba.dense_triplet(out.dense_l3.comask, out.dense_l3.hinge).item(), rel=1e-5)
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        pool, feat = model(visible=visible, infrared=infrared)
+    assert pool.shape == feat.shape == (8, 512)
+    assert torch.allclose(pool.norm(dim=1), torch.ones(8)) and torch.allclose(feat.norm(dim=1), torch.ones(8))
+
+
+def test_per_sample_criterion_weights_each_hinge_by_its_own_co_attention():
+    terms = lba.DenseTerms(torch.tensor([[[1.0]], [[0.0]]]), torch.tensor([[[0.0]], [[2.0]]]))
+    out = lba.LbAOutput(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), terms, terms)
+    labels = torch.tensor([0, 1])
+    _, released = lba.LbACriterion()(out, labels)
+    _, paper = lba.LbACriterion(per_sample=True)(out, labels)
+    assert released['dense_l3'].item() == pytest.approx(0.5 * 0.5 * 1.0)  # 0.5 x mean(comask) x mean(hinge)
+    assert paper['dense_l3'].item() == 0.0
+
+
+@pytest.mark.parametrize('size,locations', [((288, 144), 162), ((64, 32), 8), ((17, 16), 2), ((16, 16), 1)])
+def test_alignment_locations_match_the_trunk(size, locations):
+    assert lba.alignment_locations(*size) == locations
+    model = lba.LbANet(num_classes=2, arch='resnet18').eval()
+    with torch.no_grad():
+        layer3 = model.trunk.layer3(model.trunk.layer2(model.trunk.layer1(model.stems(torch.zeros(1, 3, *size), None))))
+    assert layer3.shape[2] * layer3.shape[3] == locations
+
+
+def test_a_single_location_is_refused_naming_the_size_flags():
+    with pytest.raises(UserError, match='--img_h 16 x --img_w 16 gives 1'):
+        lba.check_alignment_size(16, 16)
+    lba.check_alignment_size(17, 16)
+    model = lba.LbANet(num_classes=2, arch='resnet18')
+    with pytest.raises(UserError, match='--img_h'):
+        model(visible=torch.zeros(2, 3, 16, 16), infrared=torch.zeros(2, 3, 16, 16),
+              labels=torch.tensor([0, 1, 0, 1]))
