@@ -1,4 +1,4 @@
-"""The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table
+"""The published numbers of DEEN, AGW (with and without random erasing), CAJ and LbA, in one table
 with their sources, and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 
@@ -38,6 +38,15 @@ SOURCES = {
                   '26bc0ce088eb97867ff489dceda386b8092b9fde/ICCV21_CAJ/README.md; SYSU-MM01 '
                   'all-search; RegDB: the README names no direction, its testa.py tests visible '
                   'queries against the thermal gallery by default (vis_to_ir)',
+    'readme-lba': 'released code README, section 4 "Results", LbA row (LLCM re-run by the DEEN '
+                  'authors; the top-level README renames the row "CMAlign"), '
+                  + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+    'lba-readme': 'Park et al., "Learning by Aligning: Visible-Infrared Person Re-identification '
+                  'using Cross-Modal Correspondences", ICCV 2021, released code README, "Test" '
+                  'table (method full), https://github.com/cvlab-yonsei/LbA/blob/'
+                  '66a3ab987c3f50633bafd727db8c6680c3bb7f68/README.md; SYSU-MM01 all-search',
+    'lba-readme-weights': 'the same README, "Pretrained weights" table: its released SYSU-MM01 '
+                          'weights (sysu_pretrained.t, release v1.0) tested with its test.py',
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -74,6 +83,12 @@ PUBLISHED = {
     ('caj', 'llcm', 'released_vis_to_ir'): {
         'readme-caj': {'Rank-1': 63.73, 'Rank-10': 87.95, 'Rank-20': 92.41, 'mAP': 47.71}},
     ('caj', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 56.5, 'mAP': 59.8}},
+    ('lba', 'sysu', 'all ir_to_vis'): {'lba-readme': {'Rank-1': 55.41, 'mAP': 54.14},
+                                       'lba-readme-weights': {'Rank-1': 56.31, 'mAP': 55.22}},
+    ('lba', 'llcm', 'ir_to_vis'): {
+        'readme-lba': {'Rank-1': 42.76, 'Rank-10': 77.40, 'Rank-20': 86.11, 'mAP': 50.95}},
+    ('lba', 'llcm', 'released_vis_to_ir'): {
+        'readme-lba': {'Rank-1': 54.78, 'Rank-10': 85.12, 'Rank-20': 91.63, 'mAP': 40.81}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',
