@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -19,59 +18,48 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache, training_views
+from data_loader import CrossModalTrainSet, load_or_build_cache
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
-from loss import build_criterion
-from model import (ATTENTIONS, BACKBONES, DEE_STAGES, SWITCHES, NetworkSwitches, build_model,
-                   load_model_weights, uses_pretrained)
 from evaluation import selection_rank1, selection_split
-from inference import CHECKPOINT_FORMAT, inference_model
+from inference import inference_model
+from methods import METHODS, agw, build_network, get_method
+from model import BACKBONES, uses_pretrained
 from provenance import run_provenance
-from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
-                   autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
-                   from_main_process, gathered, load_checkpoint, manual_parser, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logger, setup_runtime,
-                   written_atomically)
+from training_state import RunCheckpoints, plain_args
+from utils import (AverageMeter, IdentitySampler, UserError, add_runtime_args, autocast_context,
+                   epoch_seed, fill_runtime_defaults, first_sentence, flag, from_main_process,
+                   gathered, manual_parser, seed_everything, set_rng_state, setup_logger,
+                   setup_runtime, written_atomically)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
 RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet',
                     channel_aug=False, erasing_kind='zero')
-METHOD_DEFAULTS = {
-    'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
-                 lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
-    'agw': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
-                adp_alpha=1.0, adp_gamma=1.0, adp_square=0),
-    # CAJ's released train_ext.py and README command: AGW's network, three views (channel
-    # erasing on each, channel exchange, infrared adaptive gray), the ADP triplet squared.
-    'caj': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=100,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
-                erasing_kind='channel', channel_aug=True, adp_alpha=1.0, adp_gamma=1.0,
-                adp_square=1),
-}
+# The demo: a small configuration that learns from scratch on 2 CPU cores in about three minutes,
+# for every method (a method's dataset_recipes['demo'] goes on top). Measured on the demo data
+# (notes in README): a ResNet-50 manages ~150 steps in that time and stays near chance; random
+# grayscale and erasing slow from-scratch learning down.
+DEMO_RECIPE = dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos=4, img_h=64,
+                   img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0, erasing=None, pad=2,
+                   eval_every=3, pretrained='none', workers=0, test_batch=128)
 # Named recipes, the rows of the LLCM benchmark (DEEN paper, Table 3) that reproduce.py runs:
-# name -> (method, train.py flags on top of its recipe). 'agw' is the released AGW recipe, the
-# paper's AGW* (random erasing); 'agw-plain' is the paper's AGW, without random erasing.
-RECIPES = {'deen': ('deen', []), 'agw': ('agw', []), 'agw-plain': ('agw', ['--no-random-erasing']),
-           'caj': ('caj', [])}
-ADP_FLAGS = ('adp_alpha', 'adp_gamma', 'adp_square')
-DATASET_OVERRIDES = {
-    'sysu': {'deen': dict(erasing=(0.2, 0.8))},
-    # The demo: a small configuration that learns from scratch on 2 CPU cores in about three
-    # minutes. Measured on the demo data (notes in README): a ResNet-50 manages ~150 steps in that
-    # time and stays near chance; random grayscale and erasing slow from-scratch learning down.
-    'demo': {method: dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos=4,
-                          img_h=64, img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0,
-                          erasing=None, pad=2, eval_every=3, pretrained='none', workers=0,
-                          test_batch=128)
-             for method in METHOD_DEFAULTS},
-}
+# name -> (method, train.py flags on top of its recipe): every method's released recipe, and the
+# variants a method names (AGW's 'agw-plain': the paper's AGW, without random erasing; 'agw' is
+# the released recipe, the paper's AGW*).
+RECIPES = {**{name: (name, []) for name in METHODS},
+           **{variant: (method.name, list(flags)) for method in METHODS.values()
+              for variant, flags in method.named_recipes.items()}}
 
 
-# The flags an epoch's batch plan depends on (IdentitySampler.state_dict keys), besides the epoch
-# and the training set: a change since a checkpoint was saved restarts its interrupted epoch.
-PLAN_FLAGS = {'seed': flag('seed'), 'num_ids': flag('batch_size'), 'num_pos': flag('num_pos')}
+def method_recipe(method, dataset):
+    """train.py's defaults for a method on a dataset: RUN_DEFAULTS, the method's recipe, then the
+    dataset's overrides (the demo's for every method, then the method's own for the dataset)."""
+    recipe = {**RUN_DEFAULTS, **method.recipe}
+    if dataset == 'demo':
+        recipe.update(DEMO_RECIPE)
+    recipe.update(method.dataset_recipes.get(dataset, {}))
+    return recipe
+
 
 
 class TrainingDiverged(UserError):
@@ -108,32 +96,15 @@ def build_parser():
     data.add_argument('--img_w', type=int, help='input width (default: per method, 144)')
 
     model = parser.add_argument_group('model and losses')
-    model.add_argument('--method', default='deen', choices=tuple(METHOD_DEFAULTS),
-                       help='network, losses and released recipe')
+    model.add_argument('--method', default='deen', choices=tuple(METHODS),
+                       help='network, losses and released recipe (docs/methods.md)')
     model.add_argument('--arch', choices=BACKBONES, help='trunk (default: resnet50, as in the '
                        'paper)')
     model.add_argument('--pretrained', help='imagenet (default), none, or a local torchvision '
                        'state-dict file of the --arch trunk')
-    model.add_argument('--lambda_1', type=float, help='weight of the CPM loss (default: 0.8)')
-    model.add_argument('--lambda_2', type=float, help='weight of the orthogonal loss (default: '
-                       '0.01, as the released code; the paper states 0.1)')
     model.add_argument('--margin', type=float, default=0.3, help='triplet margin')
-    model.add_argument('--cpm-margin', type=float, default=0.2, help='CPM margin alpha')
-    model.add_argument('--dee-stage', type=dee_stage_value, help='where DEE sits: 0 (after the '
-                       'modality stem), 1..4 (after ResNet stage k), or none (one embedding per '
-                       'image, no L_cpm / L_ort) (default: 3, RegDB 2, as released)')
-    model.add_argument('--dee-embeddings', type=int, help='embeddings DEE generates (default: 2)')
-    model.add_argument('--attention', choices=ATTENTIONS, help='block after ResNet stages 1-3 '
-                       '(RegDB 1-2): mfa, nonlocal (a standard non-local block) or none '
-                       '(default: mfa)')
-    model.add_argument('--nonlocal-reduction', type=int, help='--attention nonlocal: its blocks '
-                       'have C / this inter-channels (default: 2, the standard non-local block)')
-    model.add_argument('--adp-alpha', type=float, help="ADP triplet's softmax temperature (agw, "
-                       'caj; default: 1)')
-    model.add_argument('--adp-gamma', type=float, help="ADP triplet's scale (agw, caj; default: 1)")
-    model.add_argument('--adp-square', type=int, choices=(0, 1),
-                       help='ADP triplet squared and clamped at 88 (caj default: 1) or soft margin '
-                       "(0: AGW's weighted regularised triplet)")
+    for method in METHODS.values():  # each method's own flags
+        method.add_arguments(model)
     model.add_argument('--sync-bn', action='store_true',
                        help='SyncBatchNorm across processes (CUDA GPUs only)')
 
@@ -186,16 +157,13 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
-    recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
-    recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
-    given = [name for name in ADP_FLAGS if getattr(args, name, None) is not None]
-    if given and args.method == 'deen':
-        raise UserError(f'{flag(given[0])} sets the ADP triplet of {flag("method")} agw and caj; '
-                        f'deen trains with the batch-hard triplet ({flag("margin")}).')
+    method = get_method(args.method)
+    refuse_foreign_flags(args, method)
+    recipe = method_recipe(method, args.dataset)
     if args.random_erasing is False:
         recipe['erasing'] = None
     elif args.random_erasing and not recipe['erasing']:  # turned on where the recipe has none
-        recipe['erasing'] = METHOD_DEFAULTS[args.method]['erasing']
+        recipe['erasing'] = method.recipe.get('erasing') or DEFAULT_ERASING
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -203,8 +171,20 @@ def resolve_defaults(args):
     args.cache_dir = args.cache_dir or args.data_path
     fill_runtime_defaults(args)
     check_training_flags(args)
-    resolve_network(args)
+    method.resolve(args)
     return args
+
+
+DEFAULT_ERASING = (0.02, 0.4)  # --random-erasing where a recipe has none: the released area range
+
+
+def refuse_foreign_flags(args, method):
+    """One sentence for a flag given that only other methods take (its owner's wording)."""
+    for other in METHODS.values():
+        given = [dest for dest in other.own_flags
+                 if dest not in method.own_flags and getattr(args, dest, None) is not None]
+        if given:
+            raise UserError(other.foreign_flags_message(given, method))
 
 
 def check_training_flags(args):
@@ -219,80 +199,12 @@ def check_training_flags(args):
         check_integer(step, 'lr_steps', 0)
     check_real(args.lr, 'lr', positive=True)
     for dest in ('lambda_1', 'lambda_2', 'margin', 'cpm_margin'):
-        if getattr(args, dest) is not None:  # the lambdas are filled by resolve_network
+        if getattr(args, dest) is not None:  # the lambdas are filled by the method (resolve)
             check_real(getattr(args, dest), dest)
     for dest in ('adp_alpha', 'adp_gamma'):
         if getattr(args, dest, None) is not None:
             check_real(getattr(args, dest), dest, positive=True)
     check_runtime_flags(args)
-
-
-# loss weight -> (its default, the generated embeddings its term needs)
-LOSS_WEIGHTS = {'lambda_1': (0.8, 1), 'lambda_2': (0.01, 2)}
-
-
-def dee_stage_value(text):
-    """--dee-stage's value: 0..4 or 'none'."""
-    if text.lower() == 'none':
-        return 'none'
-    if text.isdigit() and int(text) in DEE_STAGES:
-        return int(text)
-    raise argparse.ArgumentTypeError(f'expected 0..4 or none, got {text!r}')
-
-
-def resolve_network(args):
-    """Fill DEEN's switches (unset: the released network of the dataset) and the loss weights:
-    a term whose embeddings the network lacks (L_cpm without DEE, L_ort with fewer than two
-    generated) is off, and an explicit non-zero weight for it is refused. AGW takes none of the
-    switches."""
-    if args.method != 'deen':
-        given = [flag(dest) for dest in SWITCHES if getattr(args, dest) is not None]
-        if given:
-            raise UserError(f'{", ".join(given)} switch(es) DEEN\'s parts; use them with '
-                            f'{flag("method")} deen, not {args.method}.')
-        for dest, (default, _) in LOSS_WEIGHTS.items():
-            setattr(args, dest, default if getattr(args, dest) is None else getattr(args, dest))
-        return
-    if args.dee_stage == 'none' and args.dee_embeddings is not None:
-        raise UserError(f'{flag("dee_embeddings")} sets how many embeddings DEE generates, but '
-                        f'{flag("dee_stage")} none turns DEE off; pass one of them.')
-    released = asdict(NetworkSwitches.released(args.dataset == 'regdb'))
-    for dest in SWITCHES:
-        if getattr(args, dest) is None:
-            setattr(args, dest, released[dest])
-    switches = network_switches(args)
-    switches.check(args.dataset == 'regdb')
-    generated = switches.num_branches - 1
-    for dest, (default, needed) in LOSS_WEIGHTS.items():
-        value = getattr(args, dest)
-        if generated >= needed:
-            setattr(args, dest, default if value is None else value)
-        elif value:
-            raise UserError(f'{flag(dest)} {value} weighs a loss term this network cannot have: it '
-                            f'needs {needed} generated embedding(s), and {switches.describe()} '
-                            f'gives {generated}; pass {flag(dest)} 0 or change '
-                            f'{flag("dee_stage")} / {flag("dee_embeddings")}.')
-        else:
-            setattr(args, dest, 0.0)
-
-
-def network_switches(args):
-    """DEEN's NetworkSwitches of resolved arguments (None for AGW)."""
-    return NetworkSwitches.from_args(args) if args.method == 'deen' else None
-
-
-def describe_network(args):
-    """One log line: the network's parts and the loss terms that are off."""
-    switches = network_switches(args)
-    if switches is None:
-        return f'{args.method.upper()} network'
-    off = [name for name, dest in (('L_cpm', 'lambda_1'), ('L_ort', 'lambda_2'))
-           if LOSS_WEIGHTS[dest][1] > switches.num_branches - 1]
-    line = f'DEEN network: {switches.describe()}, {switches.num_branches} embedding(s) per image'
-    if off:
-        line += (f'; {" and ".join(off)} off ({switches.num_branches - 1} generated '
-                 f'embedding(s): L_cpm needs one, L_ort two)')
-    return line
 
 
 def learning_rate(base_lr, epoch, warmup, steps):
@@ -302,11 +214,13 @@ def learning_rate(base_lr, epoch, warmup, steps):
     return base_lr * 0.1 ** sum(epoch >= step for step in steps)
 
 
-def build_optimizer(model, base_lr, optim='sgd', pretrained=True):
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): BNNeck and classifier at lr, the
-    rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
+def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
+                    head_prefixes=('bottleneck.', 'classifier.')):
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (the parameters named
+    with head_prefixes, the method's: BNNeck and classifier) at lr, the rest at 0.1 lr when it
+    starts from pretrained weights (the released recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
-            if name.startswith(('bottleneck.', 'classifier.')) and p.requires_grad]
+            if name.startswith(tuple(head_prefixes)) and p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
@@ -348,244 +262,82 @@ class StopRequest:
 
 
 class Trainer:
-    """One training run (one dataset, one RegDB trial): data, model, optimiser, loop, checkpoints.
-    cache_scope: who builds the training cache (check_run's answer; checks.folder_writer)."""
+    """One training run (one dataset, one RegDB trial): its network, optimiser, criterion and data,
+    and the loop over epochs and steps; where it stands and its checkpoints are
+    `self.checkpoints` (training_state.RunCheckpoints), its log lines, history and TensorBoard
+    scalars `self.report` (RunReport). cache_scope: who builds the training cache (check_run's
+    answer; checks.folder_writer)."""
 
     def __init__(self, args, trial, ctx, device, logger, cache_scope='all'):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
         self.layout = layout_of(args.dataset)
+        self.method = get_method(args.method)
         self.provenance = run_provenance(args, ctx, device)  # recorded in every checkpoint
-        self.best_path, self.last_path = checkpoint_paths(args, trial)
+        self.checkpoints = RunCheckpoints(self, *checkpoint_paths(args, trial))
         lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
-        self.num_classes = num_classes = identity_count(lists)
+        self.num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
-        model = build_model(args.method, num_classes, args.dataset, pretrained=args.pretrained,
-                            arch=args.arch, switches=network_switches(args))
-        self.log.info(f'{self.name}: {describe_network(args)}')
-        model.to(device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if ctx.enabled and args.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
-        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
-        self.views = training_views(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad,
-                                    args.erasing_kind, args.channel_aug)
-        self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
-                                         lambda_2=args.lambda_2, cpm_margin=args.cpm_margin,
-                                         views=len(self.views), **adp_settings(args))
+        self.model = run_network(self.method, args, self.num_classes, device, ctx)
+        self.log.info(f'{self.name}: {self.method.describe_network(args)}')
+        self.views = self.method.training_views(args)
+        self.criterion = build_criterion(args, self.views)
+        if isinstance(self.criterion, torch.nn.Module):
+            self.criterion.to(device)
+        self.optimizer = build_optimizer(self.model, args.lr, args.optim,
+                                         uses_pretrained(args.pretrained),
+                                         self.method.head_prefixes)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-        self.start_epoch, self.start_batch = 0, 0
-        self.best_rank1, self.best_epoch = -1.0, -1
-        self.resumed_rng = self.resumed_progress = self.pending_record = None
-        self.interrupted = None  # where a resumed checkpoint stopped inside an epoch
-        self.saved = None  # (path, epoch, global batch) of the last checkpoint this run wrote
-        path = resume_path(args, self.last_path, ctx) if args.resume else None
+        path = resume_path(args, self.checkpoints.last_path, ctx) if args.resume else None
         if path:
-            self._resume(path)
+            self.checkpoints.resume(path)
         elif args.resume:
-            self.log.info(f'{flag("resume")} auto: no {self.last_path} yet, a new run starts')
-        self.loader, self.sampler = self._build_data(lists, folder_writer(cache_scope, ctx))
-        if self.interrupted is not None:
-            self._continue_epoch(self.interrupted)
-        self.train_model = self._wrap(model)
-        self.eval_model = inference_model(model, args)  # compiled once per run with --compile
-        self.writer = self._tensorboard()
+            self.log.info(f'{flag("resume")} auto: no {self.checkpoints.last_path} yet, a new run '
+                          f'starts')
+        self.caches, self.loader, self.sampler, self.loader_generator = training_data(
+            args, lists, self.views, ctx, device, folder_writer(cache_scope, ctx))
+        self.log.info(f'{self.name}: {self.num_classes} identities, {len(self.caches[0][1])} '
+                      f'visible and {len(self.caches[1][1])} infrared training images, '
+                      f'{self.sampler.batches} batches of {args.batch_size}x{args.num_pos}, '
+                      f'{self.sampler.steps} steps/epoch on {ctx.world_size} process(es)')
+        self.checkpoints.continue_epoch()
+        self.train_model = wrapped_for_training(self.model, args, ctx, device)
+        self.eval_model = inference_model(self.model, args)  # compiled once per run with --compile
+        self.report = RunReport(args, self.name, ctx, logger)
 
-    # -- setup ------------------------------------------------------------------------------
-    def _build_data(self, lists, builds_cache):
-        """(loader, sampler); builds_cache: whether this process builds the cache (rank 0, or the
-        first process of each node when every node has its own --cache-dir), the others wait
-        and read it."""
-        args, ctx = self.args, self.ctx
-        size = (args.img_w, args.img_h)
-        if builds_cache:
-            for modality in MODALITIES:
-                load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
-        self._barrier()
-        caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
-                  for m in MODALITIES]
-        dataset = CrossModalTrainSet(*caches, self.views)
-        sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
-                                  seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
-        # its own generator: creating the workers draws nothing from the training process's RNG
-        self.loader_generator = torch.Generator()
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
-            num_workers=args.workers, pin_memory=self.device.type == 'cuda', drop_last=False,
-            persistent_workers=False, generator=self.loader_generator)
-        self.log.info(f'{self.name}: {self.num_classes} identities, {len(caches[0][1])} visible and '
-                      f'{len(caches[1][1])} infrared training images, {sampler.batches} batches of '
-                      f'{args.batch_size}x{args.num_pos}, {sampler.steps} steps/epoch on '
-                      f'{ctx.world_size} process(es)')
-        return loader, sampler
-
-    def _wrap(self, model):
-        if self.ctx.enabled:
-            ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        if self.args.compile:
-            model = torch.compile(model)
-        return model
-
-    def _tensorboard(self):
-        if not self.ctx.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(os.path.join(self.args.log_path, 'tensorboard', self.name))
-
-    def _barrier(self):
-        if self.ctx.enabled:
-            dist.barrier()
-
-    def _resume(self, path):
-        state = load_checkpoint(path)
-        if state.get('format') != CHECKPOINT_FORMAT:  # released DEEN checkpoint: weights only
-            load_model_weights(self.model, state.get('net', state))
-            self.start_epoch = int(state.get('epoch', -1)) + 1
-            self.log.info(f'initialised from released checkpoint {path}; optimiser and schedule '
-                          f'start fresh at epoch {self.start_epoch}')
-            return
-        check_resume_state(state, path, self.args, self.num_classes)
-        check_resume_network(state, path, self.args)
-        load_model_weights(self.model, state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scaler.load_state_dict(state['scaler'])
-        self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
-        self.start_epoch = state['epoch'] + (state['step'] == 0)
-        if state['step']:  # an interrupted epoch: continued once the sampler exists
-            self.interrupted = {'path': path, 'sampler': state.get('sampler') or {},
-                                'rng': state.get('rng') or {},
-                                'progress': state.get('epoch_progress')}
-        self.pending_record = state.get('evaluation_pending')
-        self.saved = (path, state['epoch'], state['step'])
-        where = (f'inside epoch {state["epoch"]}, after {state["step"]} global batch(es)'
-                 if state['step'] else f'after epoch {state["epoch"]}')
-        self.log.info(f'resumed {path} ({where})')
-        if self.start_epoch >= self.args.epochs and not self.pending_record:
-            self.log.info(f'{path} has trained the {self.start_epoch} epoch(s) that '
-                          f'{flag("epochs")} {self.args.epochs} asks for: nothing left to train')
-
-    def _continue_epoch(self, saved):
-        """Continue the interrupted epoch of a resumed checkpoint at the global batch it reached.
-        The same process count also continues each process's random states, bit-exact; another
-        count continues the batch plan exactly, but each process reseeds its own random stream
-        (the dropout of the network), since the old processes' streams cannot be split or merged.
-        A changed plan (--batch-size, --num_pos, --seed, the training set) restarts the epoch.
-        Anything but an exact continuation is said in one line."""
-        epoch, then = self.start_epoch, saved['sampler']
-        now = self.sampler.state_dict(epoch, 0)
-        changed = [f'{name} ({then.get(key)} -> {now[key]})' for key, name in PLAN_FLAGS.items()
-                   if then.get(key) != now[key]]
-        if not changed and then.get('batches_per_epoch') != now['batches_per_epoch']:
-            changed = [f'the training set ({then.get("batches_per_epoch")} -> '
-                       f'{now["batches_per_epoch"]} batches per epoch)']
-        if 'batch' not in then or changed:
-            why = (', '.join(changed) + ' changed' if changed
-                   else 'the checkpoint does not record its position as global batches')
-            self.log.info(f'epoch {epoch} restarts from its first batch: {why} since '
-                          f'{saved["path"]} was saved, so its interrupted part cannot be continued '
-                          f'exactly.')
-            return
-        world, before = self.ctx.world_size, then['world_size']
-        self.start_batch, self.resumed_progress = then['batch'], saved['progress']
-        states = saved['rng'].get('ranks', [])
-        if before == world and len(states) == world:
-            self.resumed_rng = states[self.ctx.rank]
-            return
-        where = f'epoch {epoch} continues at global batch {self.start_batch} of {self.sampler.batches}'
-        if before == world:  # a checkpoint without every process's random states
-            self.log.info(f'{where}; {saved["path"]} holds no random states of its {world} '
-                          f'processes, so each process reseeds from (seed, epoch, rank, batch).')
-            return
-        steps = max(0, -(-(self._epoch_end() - self.start_batch) // world))
-        self.log.info(
-            f'{where} on {world} process(es) instead of the {before} that saved it: {steps} '
-            f'step(s) left, each process {self.args.batch_size}x{self.args.num_pos} images per '
-            f'modality (a global batch of {self.args.batch_size * world} identities, was '
-            f'{self.args.batch_size * before}); the network\'s random state (dropout, one per '
-            f'process) cannot carry over to another process count, so each process reseeds from '
-            f'(seed, epoch, rank, batch).')
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def _state(self, epoch, step, metrics=None, progress=None, pending=None):
-        """The checkpoint after `step` global batches of `epoch` (step 0: after the whole epoch;
-        one process trains one global batch per step, W processes W). Where the run stands:
-        'epoch' / 'step', the sampler's position ('sampler': global batches consumed, with what
-        the batch plan depends on) and every process's RNG states ('rng': world_size, ranks); the
-        data pipeline's draws are functions of the sampler's position (IdentitySampler). Every
-        process calls it (it gathers their RNG states). Mid-epoch, 'epoch_progress' holds
-        the epoch's loss sums and counts so far; 'evaluation_pending' holds the history record
-        of an epoch saved before its evaluation, which a resumed run evaluates first."""
-        position = (epoch, step) if step else (epoch + 1, 0)
-        return {
-            'format': CHECKPOINT_FORMAT, 'version': __version__,
-            'dataset': self.args.dataset, 'method': self.args.method, 'arch': self.args.arch,
-            'trial': int(self.trial),
-            'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
-            'sampler': self.sampler.state_dict(*position),
-            'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
-            'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
-            'epoch_progress': progress, 'evaluation_pending': pending,
-            'metrics': metrics or {}, 'args': plain_args(self.args),
-            'network': recorded_switches(self.args),
-            'provenance': self.provenance,
-        }
-
-    def _save(self, path, state):
-        """Write a checkpoint (main process), never one holding NaN or infinite weights."""
-        if not finite_weights(self.model):
-            raise TrainingDiverged(f'the weights became NaN or infinite in epoch {state["epoch"]}; '
-                                   f'{self._last_good()}.')
-        if self.ctx.is_main:
-            save_checkpoint(state, path)
-        if path == self.last_path:
-            self.saved = (path, state['epoch'], state['step'])
-
-    def _last_good(self):
-        """Which checkpoint a diverged run leaves, as a phrase."""
-        if self.saved is not None:
-            path, epoch, step = self.saved
-            where = (f'after epoch {epoch}' if step == 0
-                     else f'inside epoch {epoch}, after {step} global batch(es)')
-            return f'the last good checkpoint is {path} ({where})'
-        if os.path.isfile(self.last_path):
-            return f'this run saved no checkpoint and left {self.last_path} as it was'
-        return 'this run saved no checkpoint'
-
-    # -- loop -------------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
     def fit(self, stop):
-        args = self.args
-        if self.pending_record is not None:  # trained and saved; its evaluation did not finish
-            record, self.pending_record = self.pending_record, None
+        """Train the epochs left (evaluating the pending one first); returns the best Rank-1."""
+        args, checkpoints = self.args, self.checkpoints
+        if checkpoints.pending_record is not None:  # trained and saved; not yet evaluated
+            record, checkpoints.pending_record = checkpoints.pending_record, None
             if args.eval_every:
                 self._evaluate_and_report(record)
             else:
                 self._report(record, None)
-        for epoch in range(self.start_epoch, args.epochs):
-            start_batch = self.start_batch if epoch == self.start_epoch else 0
+        for epoch in range(checkpoints.start_epoch, args.epochs):
+            start_batch = checkpoints.start_batch if epoch == checkpoints.start_epoch else 0
             self._seed_epoch(epoch, start_batch)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
+            call_hook(self.criterion, 'start_epoch', epoch, self)
             losses, train_seconds = self._train_epoch(epoch, start_batch, stop)
+            call_hook(self.criterion, 'end_epoch', epoch)
             record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
             if self._evaluation_due(epoch):
                 # saved before it is evaluated: an evaluation that fails costs no training
-                self._save(self.last_path, self._state(epoch, 0, pending=record))
+                self._save(checkpoints.last_path, epoch, pending=record)
                 self._evaluate_and_report(record)
             else:
-                self._save(self.last_path, self._state(epoch, 0))
+                self._save(checkpoints.last_path, epoch)
                 self._report(record, None)
-        if self.best_epoch < 0:  # never evaluated: the final weights are the selection
-            self._save(self.best_path, self._state(args.epochs - 1, 0))
-        return self.best_rank1
+        if checkpoints.best_epoch < 0:  # never evaluated: the final weights are the selection
+            self._save(checkpoints.best_path, args.epochs - 1)
+        return checkpoints.best_rank1
+
+    def _save(self, path, epoch, step=0, **content):
+        self.checkpoints.save(path, self.checkpoints.state(epoch, step, **content), TrainingDiverged)
 
     def _evaluation_due(self, epoch):
         every = self.args.eval_every
@@ -593,64 +345,49 @@ class Trainer:
 
     def _evaluate_and_report(self, record):
         """Evaluate the epoch of `record`, keep `best`, re-write `last` with the metrics, report."""
-        epoch = record['epoch']
+        epoch, checkpoints = record['epoch'], self.checkpoints
         metrics = self._evaluate()
-        if metrics['rank1'] > self.best_rank1:
-            self.best_rank1, self.best_epoch = metrics['rank1'], epoch
-            self._save(self.best_path, self._state(epoch, 0, metrics))
-        self._save(self.last_path, self._state(epoch, 0, metrics))
+        if metrics['rank1'] > checkpoints.best_rank1:
+            checkpoints.best_rank1, checkpoints.best_epoch = metrics['rank1'], epoch
+            self._save(checkpoints.best_path, epoch, metrics=metrics)
+        self._save(checkpoints.last_path, epoch, metrics=metrics)
         self._report(record, metrics)
 
-    def _epoch_end(self):
+    def epoch_end(self):
         """The global batches an epoch covers: the sampler's B, or --max-steps steps' worth."""
         if self.args.max_steps is None:
             return self.sampler.batches
         return min(self.sampler.batches, self.args.max_steps * self.ctx.world_size)
 
     def _seed_epoch(self, epoch, start_batch):
-        if self.resumed_rng is not None and start_batch > 0:
-            set_rng_state(self.resumed_rng)  # continue the interrupted epoch where it stopped
+        checkpoints = self.checkpoints
+        if checkpoints.resumed_rng is not None and start_batch > 0:
+            set_rng_state(checkpoints.resumed_rng)  # continue the interrupted epoch where it stopped
         else:
             seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank, start_batch))
-        self.resumed_rng = None
+        checkpoints.resumed_rng = None
         self.loader_generator.manual_seed(epoch_seed(self.args.seed, epoch, self.ctx.rank))
-        self.sampler.set_epoch(epoch, start_batch, self._epoch_end())
+        self.sampler.set_epoch(epoch, start_batch, self.epoch_end())
 
     def _train_epoch(self, epoch, start_batch, stop):
         """Train the global batches start_batch.. of epoch (this process every world_size-th);
         returns ({term: mean loss}, seconds), counting what an interrupted run trained before
         start_batch."""
-        args, device, world = self.args, self.device, self.ctx.world_size
+        world, checkpoints = self.ctx.world_size, self.checkpoints
         self.train_model.train()
-        progress = self.resumed_progress if start_batch else None
+        progress = checkpoints.resumed_progress if start_batch else None
         progress = progress or {'meters': {}, 'train_seconds': 0.0}
-        self.resumed_progress = None
+        checkpoints.resumed_progress = None
         meters = {name: AverageMeter.resumed(total, count)
                   for name, (total, count) in progress['meters'].items()}
         started = time.time()
         done = start_batch // world  # the steps before start_batch, as this process count counts
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         with tqdm(total=done + self.sampler.steps_left, initial=done, desc=f'epoch {epoch}',
                   leave=False, disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
             trained = 0  # the steps this call trains
             for step, batch in enumerate(self.loader, done):
-                visible, infrared, labels = stem_batches(self.views, batch)
-                visible = visible.to(device, non_blocking=True, memory_format=memory_format)
-                infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
-                with autocast_context(device, args.amp):
-                    loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
-                values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
-                                                                 for v in parts.values()] +
-                                      [torch.tensor(float(stop.requested), device=device)])
-                if not math.isfinite(values[0]):
-                    raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
-                                           f'{self._last_good()}.')
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                for name, value in zip(['loss', *parts], values):
+                values, names = self._train_step(batch, stop, epoch, step)
+                for name, value in zip(names, values):
                     meters.setdefault(name, AverageMeter()).update(value)
                 bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
                 bar.update()
@@ -659,11 +396,36 @@ class Trainer:
                     progress = {'meters': {name: [m.sum, m.count] for name, m in meters.items()},
                                 'train_seconds': progress['train_seconds'] + time.time() - started}
                     consumed = start_batch + (step - done + 1) * world
-                    self._save(self.last_path, self._state(epoch, consumed, progress=progress))
+                    self._save(checkpoints.last_path, epoch, consumed, progress=progress)
                     raise Interrupted(epoch)
         seconds = progress['train_seconds'] + time.time() - started
         self._warn_stalled_triplet(epoch, trained)
         return {name: m.avg for name, m in meters.items()}, seconds
+
+    def _train_step(self, batch, stop, epoch, step):
+        """One optimiser step on a loader batch; returns the step's scalars averaged over the
+        processes ([loss, each part..., the stop flag summed]) and their names."""
+        args, device = self.args, self.device
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        visible, infrared, labels = stem_batches(self.views, batch)
+        visible = visible.to(device, non_blocking=True, memory_format=memory_format)
+        infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast_context(device, args.amp):
+            output = self.method.forward_train(self.train_model, visible, infrared, labels)
+            loss, parts = self.criterion(output, labels)
+        values = self._reduce([loss.detach().float()] +
+                              [torch.as_tensor(v, dtype=torch.float32, device=device)
+                               for v in parts.values()] +
+                              [torch.tensor(float(stop.requested), device=device)])
+        if not math.isfinite(values[0]):
+            raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
+                                   f'{self.checkpoints.last_good()}.')
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return values, ['loss', *parts]
 
     def _warn_stalled_triplet(self, epoch, steps):
         """One log line when the triplet term had zero gradient at each of the epoch's `steps`
@@ -693,13 +455,25 @@ class Trainer:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
         metrics = selection_rank1(self.eval_model, self.layout, args.data_path, trial=int(self.trial),
-                                  mode=args.mode, args=args, device=self.device, ctx=self.ctx)
+                                  mode=args.mode, args=args, device=self.device, ctx=self.ctx,
+                                  fusion=self.method.headline)
         metrics['seconds'] = time.time() - start
         return metrics
 
     def _report(self, record, metrics):
-        """The epoch's line in the log, its record in the history file, TensorBoard scalars.
-        record: epoch, lr, losses, train_seconds."""
+        self.report.epoch(record, metrics, self.checkpoints.best_rank1, self.checkpoints.best_epoch)
+
+
+class RunReport:
+    """What a run says of each epoch: a line in the log, a record in the history file (main
+    process) and TensorBoard scalars (main process, when TensorBoard is installed)."""
+
+    def __init__(self, args, name, ctx, log):
+        self.args, self.name, self.ctx, self.log = args, name, ctx, log
+        self.writer = tensorboard_writer(args, name) if ctx.is_main else None
+
+    def epoch(self, record, metrics, best_rank1, best_epoch):
+        """record: epoch, lr, losses, train_seconds; metrics: the selection metrics or None."""
         epoch, lr, losses = record['epoch'], record['lr'], record['losses']
         if self.ctx.is_main:
             append_history(history_path(self.args.log_path, self.name),
@@ -708,7 +482,7 @@ class Trainer:
         line = f'{self.name} epoch {epoch} lr {lr:.4g} {text}'
         if metrics:
             line += (f' | {metrics["direction"]} Rank-1 {metrics["rank1"]:.2%} mAP {metrics["mAP"]:.2%}'
-                     f' mINP {metrics["mINP"]:.2%} (best {self.best_rank1:.2%} @ {self.best_epoch})')
+                     f' mINP {metrics["mINP"]:.2%} (best {best_rank1:.2%} @ {best_epoch})')
         self.log.info(line)
         if self.writer is not None:
             for name, value in losses.items():
@@ -720,19 +494,74 @@ class Trainer:
             self.writer.flush()
 
 
-def recorded_switches(args):
-    """What a checkpoint records of the network's switches (NetworkSwitches as a dict; None for
-    AGW): load_trained_model rebuilds the network from it."""
-    switches = network_switches(args)
-    return None if switches is None else asdict(switches)
+def tensorboard_writer(args, name):
+    """A TensorBoard SummaryWriter under --log_path, or None without TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(args.log_path, 'tensorboard', name))
+
+
+def call_hook(criterion, name, *args):
+    """Call the criterion's optional per-epoch hook (start_epoch, end_epoch) when it has one."""
+    hook = getattr(criterion, name, None)
+    if callable(hook):
+        hook(*args)
+
+
+def run_network(method, args, num_classes, device, ctx):
+    """The network a run trains, on its device (channels-last, SyncBatchNorm as asked)."""
+    model = build_network(method, num_classes, args.dataset, pretrained=args.pretrained,
+                          arch=args.arch, settings=method.network_settings(args))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ctx.enabled and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrapped_for_training(model, args, ctx, device):
+    """The network as the steps call it: in DDP under torchrun, compiled with --compile."""
+    if ctx.enabled:
+        ids = [device.index] if device.type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if args.compile else model
+
+
+def training_data(args, lists, views, ctx, device, builds_cache):
+    """(caches, loader, sampler, the loader's generator) of a run's training images. builds_cache:
+    whether this process builds the cache (rank 0, or the first process of each node when every
+    node has its own --cache-dir); the others wait and read it."""
+    size = (args.img_w, args.img_h)
+    if builds_cache:
+        for modality in MODALITIES:
+            load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
+    if ctx.enabled:
+        dist.barrier()
+    caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
+              for m in MODALITIES]
+    dataset = CrossModalTrainSet(*caches, views)
+    sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
+                              seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
+    # its own generator: creating the workers draws nothing from the training process's RNG
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
+        num_workers=args.workers, pin_memory=device.type == 'cuda', drop_last=False,
+        persistent_workers=False, generator=generator)
+    return caches, loader, sampler, generator
+
+
+def build_criterion(args, views):
+    """The criterion of args.method for a sample of `views` (Method.build_criterion)."""
+    return get_method(args.method).build_criterion(args, views)
 
 
 def adp_settings(args):
-    """The ADP triplet's build_criterion arguments from the flags (unset for deen)."""
-    if args.method == 'deen':
-        return {}
-    return {'adp_alpha': args.adp_alpha, 'adp_gamma': args.adp_gamma,
-            'adp_square': bool(args.adp_square)}
+    """The ADP triplet's loss.build_criterion arguments from the flags (AGW and CAJ)."""
+    return agw.adp_settings(args)
 
 
 def stem_batches(views, batch):
@@ -744,11 +573,6 @@ def stem_batches(views, batch):
     visible, infrared = (torch.cat([images[i] for i in by_stem[stem]]) for stem in MODALITIES)
     order = by_stem['visible'] + by_stem['infrared']
     return visible, infrared, torch.cat([labels[i] for i in order])
-
-
-def plain_args(args):
-    """The arguments as JSON-able, weights-only-loadable values."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
 def history_path(log_path, name):
@@ -814,12 +638,6 @@ def continue_hint(args, last_path):
     return f'continue with the same command plus {flag("resume")} {last_path}'
 
 
-def finite_weights(model):
-    """Whether every floating-point weight and buffer of model is finite."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def prepare_demo_data(args, ctx):
     """Generate the demo dataset under --data-path once where a process lacks it: by rank 0
     when every process sees the folder, else by the first process of each node (the others
@@ -873,7 +691,7 @@ def check_run(args, ctx):
         if args.eval_every:
             check_evaluation_data(layout, args.data_path, trial, args.mode)
         network = network or check_image_size(args, args.method, num_classes, args.dataset,
-                                              switches=network_switches(args))
+                                              get_method(args.method).network_settings(args))
         best, last = checkpoint_paths(args, trial)
         path = resume_path(args, last, ctx) if args.resume else None
         if path:  # "auto" continues a finished run as it is: a restart after its end trains nothing
@@ -908,16 +726,16 @@ def main(argv=None):
                 logger.info(f'{name} on {device} x{ctx.world_size}: ' + ' '.join(sys.argv[1:]))
                 trainer = Trainer(args, trial, ctx, device, logger, cache_scope)
                 best = trainer.fit(stop)
-                selection = (f'best Rank-1 {best:.2%} at epoch {trainer.best_epoch}'
-                             if trainer.best_epoch >= 0 else
+                selection = (f'best Rank-1 {best:.2%} at epoch {trainer.checkpoints.best_epoch}'
+                             if trainer.checkpoints.best_epoch >= 0 else
                              f'no evaluation ({flag("eval_every")} {args.eval_every}): best = the '
                              f'final weights, epoch {args.epochs - 1}')
-                logger.info(f'{name} done: {selection}; checkpoints {trainer.best_path}, '
-                            f'{trainer.last_path}')
+                logger.info(f'{name} done: {selection}; checkpoints {trainer.checkpoints.best_path}, '
+                            f'{trainer.checkpoints.last_path}')
     except Interrupted:
         if ctx.is_main:
-            hint = continue_hint(args, trainer.last_path)
-            print(f'interrupted: saved {trainer.last_path}; {hint}', file=sys.stderr)
+            hint = continue_hint(args, trainer.checkpoints.last_path)
+            print(f'interrupted: saved {trainer.checkpoints.last_path}; {hint}', file=sys.stderr)
         return 130
     finally:
         if ctx.enabled and not joined and dist.is_initialized():
