@@ -1,6 +1,8 @@
-"""LbA, "Learning by Aligning" (Park et al., ICCV 2021; released as CMAlign): a two-stream ResNet
-with GeM and BNNeck whose layer3 and layer4 maps are warped onto cross-modal partners, trained
-with identity losses on the reconstructions and a co-attention-weighted dense triplet."""
+"""LbA, "Learning by Aligning" (Park et al., ICCV 2021; released as CMAlign) as a method: a
+two-stream ResNet with GeM and BNNeck whose layer3 and layer4 maps are warped onto cross-modal
+partners, trained with identity losses on the reconstructions and a co-attention-weighted dense
+triplet; its released recipe and the flag only it takes. Written from the paper and from reading
+the released code (cvlab-yonsei/LbA, GPL-3.0), none of which is copied here."""
 import math
 from typing import NamedTuple
 
@@ -9,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import batch_hard_triplet_loss, full_precision, identity_loss
+from methods.base import AGW_SCHEDULE, POOL_FEAT_FUSIONS, SINGLE_FEATURE_FUSIONS, Method
 from model import TwoStreamNet, gem_pool
 from utils import UserError, flag
 
@@ -234,3 +237,63 @@ class LbACriterion(nn.Module):
 
     def dense(self, terms):
         return dense_triplet(terms.comask, terms.hinge, self.per_sample)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+TRUNK_KEYS = ('visible_stem.', 'infrared_stem.', 'trunk.', 'bottleneck.', 'classifier.')
+
+
+class LbAMethod(Method):
+    name, title = 'lba', 'LbA'
+    summary = ('Two-stream ResNet-50 with GeM and BNNeck; layer3 and layer4 maps warped onto a '
+               'cross-modal positive, id losses on the reconstructions + a co-attended dense triplet.')
+    # The released train.py (cvlab-yonsei/LbA 66a3ab9): 288 x 144 (:29-30), 8 ids x 4 (:31-32),
+    # lr 0.1 with AGW's schedule (:38, :175-190), 81 epochs (:355); RandomCrop(288, 144) of a
+    # 288 x 144 image and a flip (:94-95): no pad, so the crop is a no-op; no grayscale, no erasing.
+    # Its test.py loads the last epoch (ep_80, test.py:36): no selection during training.
+    recipe = dict(AGW_SCHEDULE, pad=0, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
+                  grayscale=0.0, erasing=None, eval_every=0)
+    dataset_recipes = {'demo': dict(eval_every=0, pad=0)}  # flip only on the demo too
+    own_flags = ('lba_per_sample_comask',)
+    # The released test.py's feature: L2(GeM), pre-BNNeck (feat4_p_norm, test.py:94, :111).
+    fusions = {**SINGLE_FEATURE_FUSIONS, **POOL_FEAT_FUSIONS}
+    headline = 'pool'
+    released_image_size = (288, 144)
+
+    def add_arguments(self, group):
+        group.add_argument('--lba-per-sample-comask', action='store_true', default=None,
+                           help="LbA's dense triplet as the paper states it, each image's hinge "
+                           'weighted by its own co-attention (default: the released code\'s '
+                           'batch-averaged product, docs/methods.md)')
+
+    def resolve(self, args):
+        args.lba_per_sample_comask = bool(args.lba_per_sample_comask)
+        check_alignment_size(args.img_h, args.img_w)
+        if args.batch_size < 2:
+            raise UserError(f'LbA draws each anchor\'s negative from another identity of its batch, '
+                            f'so {flag("batch_size")} must be at least 2, got {args.batch_size}.')
+
+    def describe_network(self, args):
+        form = 'per-sample' if args.lba_per_sample_comask else 'batch-averaged (released)'
+        return f'LbA network: two-stream {args.arch}, GeM, BNNeck; dense triplet {form}'
+
+    def build_network(self, num_classes, dataset, arch='resnet50', settings=None):
+        return LbANet(num_classes, arch=arch)
+
+    def build_criterion(self, args, views):
+        return LbACriterion(args.margin, per_sample=args.lba_per_sample_comask)
+
+    def forward_train(self, model, visible, infrared, labels):
+        """Labels go through the forward (DDP): they choose each anchor's partners."""
+        return model(visible=visible, infrared=infrared, labels=labels)
+
+    def is_released_state_dict(self, keys):
+        """The released LbA network has the stems, trunk, BNNeck and classifier and nothing else."""
+        keys = list(keys)
+        return any(key.startswith('trunk.layer4.') for key in keys) and all(
+            key.startswith(TRUNK_KEYS) for key in keys)
+
+
+LBA_METHOD = LbAMethod()
