@@ -1,12 +1,31 @@
 """LbA: each piece of the cross-modal alignment against a direct transcription of its formula,
-the pair draws, the network's outputs and the criterion."""
+the pair draws, the network's outputs and the criterion; the method's recipe and flags, a step on
+the demo data, an exact resume inside an epoch, every tool on an LbA checkpoint, reproduce.py."""
+import contextlib
+import io
+import json
+import os
 import random
+import shutil
+import signal
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
+import export
+import methods
+import onnx_export
+import reproduce
+import search
+import test as test_script
+import training
+import visualize
+from data_loader import IMAGENET_MEAN, IMAGENET_STD
+from inference import ReIDModel
 from methods import lba
-from utils import UserError
+from tiny_runs import at_criterion_call, train_argv
+from utils import UserError, load_checkpoint
 
 
 def maps(n=4, c=5, h=3, w=2, seed=0):
@@ -217,3 +236,154 @@ def test_a_single_location_is_refused_naming_the_size_flags():
     with pytest.raises(UserError, match='--img_h'):
         model(visible=torch.zeros(2, 3, 16, 16), infrared=torch.zeros(2, 3, 16, 16),
               labels=torch.tensor([0, 1, 0, 1]))
+
+
+# -- the method: recipe, flags, a demo step, resume, every tool -------------------------------
+
+def test_recipe_is_the_released_one_and_tests_the_last_epoch():
+    args = training.parse_args(['--method', 'lba'])
+    assert (args.img_h, args.img_w, args.batch_size, args.num_pos, args.epochs) == (288, 144, 8, 4, 81)
+    assert (args.lr, args.warmup, tuple(args.lr_steps)) == (0.1, 10, (20, 50))
+    assert (args.pad, args.grayscale, args.erasing, args.channel_aug) == (0, 0.0, None, False)
+    assert args.eval_every == 0 and args.lba_per_sample_comask is False  # best = the final weights
+    demo = training.parse_args(['--method', 'lba', '--dataset', 'demo'])
+    assert (demo.arch, demo.img_h, demo.img_w, demo.pad, demo.eval_every) == ('resnet18', 64, 32, 0, 0)
+    assert lba.alignment_locations(demo.img_h, demo.img_w) >= 2
+    assert methods.get_method('lba').headline == 'pool'
+
+
+def test_the_training_views_only_flip():
+    views = methods.get_method('lba').training_views(training.parse_args(['--method', 'lba']))
+    image = torch.randint(0, 256, (3, 288, 144), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    normalised = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(candidate.float() / 255)
+                  for candidate in (image, image.flip(-1))]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        out = views[0].transform(image)
+        match = [i for i, candidate in enumerate(normalised) if torch.allclose(out, candidate, atol=1e-6)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == {0, 1} and [v.name for v in views] == ['visible', 'infrared']
+
+
+def test_flags_of_one_method_are_refused_to_the_other():
+    assert training.parse_args(['--method', 'lba', '--lba-per-sample-comask']).lba_per_sample_comask
+    with pytest.raises(UserError, match=r'^--lba-per-sample-comask belong\(s\) to --method lba; '
+                                        r'--method agw does not take it\.$'):
+        training.parse_args(['--method', 'agw', '--lba-per-sample-comask'])
+    with pytest.raises(UserError, match='--adp-square sets the ADP triplet'):
+        training.parse_args(['--method', 'lba', '--adp-square', '1'])
+
+
+def test_sizes_and_batches_the_alignment_cannot_take_are_refused_before_any_work():
+    with pytest.raises(UserError, match=r'--img_h 16 x --img_w 16 gives 1; use larger images'):
+        training.parse_args(['--method', 'lba', '--img_h', '16', '--img_w', '16'])
+    with pytest.raises(UserError, match='--batch-size must be at least 2'):
+        training.parse_args(['--method', 'lba', '--batch-size', '1'])
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    from tools.synthetic_data import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp('demo') / 'demo')
+
+
+def test_a_training_step_on_the_demo_data_selects_the_final_weights(demo_root, tmp_path):
+    argv = ['--dataset', 'demo', '--data-path', str(demo_root), '--method', 'lba', '--device', 'cpu',
+            '--model_path', str(tmp_path / 'm'), '--log_path', str(tmp_path / 'l'),
+            '--cache-dir', str(tmp_path / 'c'), '--epochs', '1', '--max-steps', '1']
+    assert training.main(argv) == 0
+    best = load_checkpoint(str(tmp_path / 'm' / 'demo_lba_best.pth'))
+    last = load_checkpoint(str(tmp_path / 'm' / 'demo_lba_last.pth'))
+    assert best['method'] == 'lba' and best['arch'] == 'resnet18' and best['epoch'] == 0
+    assert all(torch.equal(best['model'][k], last['model'][k]) for k in last['model'])
+    record = json.loads((tmp_path / 'l' / 'demo_lba_history.jsonl').read_text().splitlines()[-1])
+    assert set(record['losses']) == {'loss', 'id', 'tri', 'id_l3', 'id_l4', 'dense_l3', 'dense_l4'}
+    assert record['metrics'] is None
+    assert 'best = the final weights, epoch 0' in (tmp_path / 'l' / 'demo_lba.log').read_text()
+
+
+RUN = ['--method', 'lba', '--epochs', 2, '--max-steps', 3, '--eval-every', 0]
+
+
+def history(out):
+    with open(os.path.join(out, 'logs', 'llcm_lba_history.jsonl')) as handle:
+        return [json.loads(line)['losses'] for line in handle]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(llcm_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('lba_straight'))
+    assert training.main(train_argv('llcm', llcm_root, out, *RUN)) == 0
+    return out
+
+
+def test_a_resume_inside_an_epoch_gives_the_uninterrupted_weights(uninterrupted, llcm_root, tmp_path,
+                                                                  monkeypatch):
+    out = str(tmp_path)
+    argv = train_argv('llcm', llcm_root, out, *RUN)
+
+    def sigterm(loss, parts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss, parts
+    with monkeypatch.context() as patch:
+        at_criterion_call(patch, 5, sigterm)   # epoch 1, its 2nd step
+        assert training.main(argv) == 130
+    assert training.main(argv + ['--resume', 'last']) == 0
+    expected = load_checkpoint(os.path.join(uninterrupted, 'models', 'llcm_lba_last.pth'))['model']
+    actual = load_checkpoint(os.path.join(out, 'models', 'llcm_lba_last.pth'))['model']
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert history(out) == history(uninterrupted)
+    assert history(out)[0]['dense_l3'] > 0  # the alignment trained
+
+
+def test_every_tool_runs_on_an_lba_checkpoint(uninterrupted, llcm_root, tmp_path):
+    checkpoint = os.path.join(uninterrupted, 'models', 'llcm_lba_best.pth')
+    output = tmp_path / 'results.json'
+    assert test_script.main(['--resume', checkpoint, '--data-path', str(llcm_root), '--device', 'cpu',
+                             '--workers', '0', '--trial', '0', '--output', str(output)]) == 0
+    results = json.loads(output.read_text())['results']['ir_to_vis']
+    assert set(results) == {'pool', 'feat', 'pool+feat', '0.1pool+0.9feat'}
+
+    model = ReIDModel.load(checkpoint, device='cpu', img_h=64, img_w=32)
+    images = sorted(llcm_root.rglob('*.jpg'))[:3]
+    features = model.embed([str(p) for p in images], 'infrared')
+    assert features.shape == (3, 2, 1, 512)
+
+    assert visualize.main(['--resume', checkpoint, '--data-path', str(llcm_root), '--out',
+                           str(tmp_path / 'figures'), '--device', 'cpu', '--workers', '0',
+                           '--trial', '0', '--num-ids', '2', '--num-queries', '1', '--topk', '3']) == 0
+    assert json.loads((tmp_path / 'figures' / 'ranks_ir_to_vis.json').read_text())['fusion'] == 'pool'
+
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for index, path in enumerate(images):
+        shutil.copy(path, gallery / f'{index}.jpg')
+    assert search.main(['--resume', checkpoint, '--query', str(images[0]), '--query-modality',
+                        'infrared', '--gallery', str(gallery), '--out', str(tmp_path / 'search'),
+                        '--topk', '2', '--device', 'cpu', '--workers', '0']) == 0
+    found = json.loads((tmp_path / 'search' / 'search.json').read_text())
+    assert found['fusion'] == 'pool'
+
+    for package in onnx_export.ONNX_PACKAGES:
+        pytest.importorskip(package)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export.main(['--resume', checkpoint, '--out', str(tmp_path / 'lba.onnx')]) == 0
+    assert (tmp_path / 'lba.onnx').is_file()
+
+
+def test_reproduce_dry_run_plans_lba_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert reproduce.main(['--method', 'lba', '--dataset', 'demo', '--seeds', '0', '--out', str(out),
+                           '--dry-run']) == 0
+    assert not out.exists()
+    assert 'demo lba seed 0: train and test' in capsys.readouterr().out
+
+
+def test_released_weights_are_told_apart_by_their_keys():
+    keys = lba.LbANet(num_classes=4, arch='resnet18').state_dict().keys()
+    assert methods.method_of_weights(keys) == 'lba'
+    agw = methods.build_network('agw', 4, 'llcm', arch='resnet18').state_dict().keys()
+    assert methods.method_of_weights(agw) == 'agw'
