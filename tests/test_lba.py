@@ -22,9 +22,10 @@ import test as test_script
 import training
 import visualize
 from data_loader import IMAGENET_MEAN, IMAGENET_STD
-from inference import ReIDModel
+from inference import ReIDModel, embed_batch, load_trained_model
 from methods import lba
-from tiny_runs import at_criterion_call, train_argv
+from model import released_state_dict
+from tiny_runs import at_criterion_call, randomise_batchnorm, train_argv
 from utils import UserError, load_checkpoint
 
 
@@ -387,3 +388,20 @@ def test_released_weights_are_told_apart_by_their_keys():
     assert methods.method_of_weights(keys) == 'lba'
     agw = methods.build_network('agw', 4, 'llcm', arch='resnet18').state_dict().keys()
     assert methods.method_of_weights(agw) == 'agw'
+
+
+def test_a_released_lba_checkpoint_loads_with_its_image_size_and_gives_the_same_features(tmp_path):
+    torch.manual_seed(0)
+    network = lba.LbANet(num_classes=7).eval()   # ResNet-50, as released
+    randomise_batchnorm(network)
+    weights = released_state_dict(network.state_dict())
+    weights['visible_module.visible.fc.weight'] = torch.zeros(1000, 2048)  # its unused ResNet copies
+    weights['base_resnet.base.conv1.weight'] = torch.zeros(64, 3, 7, 7)
+    path = tmp_path / 'sysu_pretrained.t'
+    torch.save({'net': weights, 'epoch': 80}, path)
+    model, info = load_trained_model(str(path), 'llcm', torch.device('cpu'))
+    assert isinstance(model, lba.LbANet) and (info['method'], info['img_h'], info['img_w']) == ('lba', 288, 144)
+    images = torch.randn(2, 3, 288, 144, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, loaded = embed_batch(network, 'infrared', images), embed_batch(model, 'infrared', images)
+    assert loaded.shape == (2, 2, 1, 2048) and torch.allclose(loaded, expected, atol=1e-5)
