@@ -4,6 +4,7 @@ the demo data, an exact resume inside an epoch, every tool on an LbA checkpoint,
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ from data_loader import IMAGENET_MEAN, IMAGENET_STD
 from inference import ReIDModel, embed_batch, load_trained_model
 from methods import lba
 from model import released_state_dict
+from test_distributed import run_probe
 from tiny_runs import at_criterion_call, randomise_batchnorm, train_argv
 from utils import UserError, load_checkpoint
 
@@ -405,3 +407,16 @@ def test_a_released_lba_checkpoint_loads_with_its_image_size_and_gives_the_same_
     with torch.inference_mode():
         expected, loaded = embed_batch(network, 'infrared', images), embed_batch(model, 'infrared', images)
     assert loaded.shape == (2, 2, 1, 2048) and torch.allclose(loaded, expected, atol=1e-5)
+
+
+def test_two_torchrun_processes_train_lba_in_lock_step(llcm_root, tmp_path):
+    result, (rank0, rank1) = run_probe(tmp_path, train_argv('llcm', llcm_root, str(tmp_path), *RUN[:2],
+                                                            '--epochs', 1, '--max-steps', 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rank0['weights']) == 2 and rank0['weights'] == rank1['weights']
+
+
+def test_bf16_autocast_and_channels_last_train_lba(llcm_root, tmp_path):
+    argv = train_argv('llcm', llcm_root, str(tmp_path), *RUN, '--amp', 'bf16', '--channels-last')
+    assert training.main(argv) == 0
+    assert all(math.isfinite(value) for losses in history(tmp_path) for value in losses.values())
