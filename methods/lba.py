@@ -201,8 +201,7 @@ class LbANet(TwoStreamNet):
         if labels is None:
             raise ValueError("LbA's training forward needs the batch's labels (model(..., labels=))")
         if layer3.shape[2] * layer3.shape[3] < 2:
-            check_alignment_size(visible.shape[2] if visible is not None else infrared.shape[2],
-                                 visible.shape[3] if visible is not None else infrared.shape[3])
+            check_alignment_size(*(visible if visible is not None else infrared).shape[2:])
         pairs_l3, pairs_l4 = draw_pairs(labels), draw_pairs(labels)
         recon_l3, dense_l3 = align(layer3, *pairs_l3)
         logits_l3 = self.classify(gem_pool(self.trunk.layer4(recon_l3)))
@@ -255,7 +254,7 @@ class LbAMethod(Method):
     # Its test.py loads the last epoch (ep_80, test.py:36): no selection during training.
     recipe = dict(AGW_SCHEDULE, pad=0, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
                   grayscale=0.0, erasing=None, eval_every=0)
-    dataset_recipes = {'demo': dict(eval_every=0, pad=0)}  # flip only on the demo too
+    dataset_recipes = {'demo': dict(eval_every=0, pad=0)}  # the demo's too: last epoch, flip only
     own_flags = ('lba_per_sample_comask',)
     # The released test.py's feature: L2(GeM), pre-BNNeck (feat4_p_norm, test.py:94, :111).
     fusions = {**SINGLE_FEATURE_FUSIONS, **POOL_FEAT_FUSIONS}
@@ -271,6 +270,9 @@ class LbAMethod(Method):
     def resolve(self, args):
         args.lba_per_sample_comask = bool(args.lba_per_sample_comask)
         check_alignment_size(args.img_h, args.img_w)
+        if args.channel_aug:
+            raise UserError(f'LbA aligns each visible image with an infrared one and takes the two '
+                            f'views [visible; infrared] only; drop {flag("channel_aug")}.')
         if args.batch_size < 2:
             raise UserError(f'LbA draws each anchor\'s negative from another identity of its batch, '
                             f'so {flag("batch_size")} must be at least 2, got {args.batch_size}.')

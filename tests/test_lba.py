@@ -285,6 +285,8 @@ def test_sizes_and_batches_the_alignment_cannot_take_are_refused_before_any_work
         training.parse_args(['--method', 'lba', '--img_h', '16', '--img_w', '16'])
     with pytest.raises(UserError, match='--batch-size must be at least 2'):
         training.parse_args(['--method', 'lba', '--batch-size', '1'])
+    with pytest.raises(UserError, match='drop --channel-aug'):
+        training.parse_args(['--method', 'lba', '--channel-aug'])
 
 
 @pytest.fixture(scope='module')
