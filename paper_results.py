@@ -6,6 +6,7 @@ import numpy as np
 
 from data_manager import dataset_facts, layout_of
 from evaluation import describe_setting, write_results
+from methods import METHODS
 from provenance import describe_code, describe_environment
 from utils import written_atomically
 
@@ -163,12 +164,17 @@ def _made_with(done):
     return {'code': sorted(code), 'environments': sorted(environments)}
 
 
+def _method_title(name):
+    """A method's title as its module spells it ('LbA'); a named recipe's name in capitals."""
+    return METHODS[name].title if name in METHODS else name.upper()
+
+
 def comparison_markdown(comparison):
     """The comparison as a Markdown section: a table per dataset and method with ours (mean ±
     std), the seed spread, each published value and the difference, then sources and provenance."""
     seeds = comparison['seeds']
     trial_word = 'splits' if comparison['dataset'] == 'regdb' else 'gallery trials'
-    lines = [f'## {comparison["title"]}, {comparison["method"].upper()}', '',
+    lines = [f'## {comparison["title"]}, {_method_title(comparison["method"])}', '',
              f'Fusion {comparison["fusion"]}; seeds {" ".join(map(str, seeds)) or "none"}; '
              f'{trial_word} {_listed(comparison["trials"])}; {comparison["parts_done"]} part(s) '
              f'done, {len(comparison["missing"])} not done. Values in %.', '',
