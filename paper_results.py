@@ -8,6 +8,7 @@ import numpy as np
 
 from data_manager import dataset_facts, layout_of
 from evaluation import describe_setting, write_results
+from methods import METHODS
 from provenance import describe_code, describe_environment
 from utils import written_atomically
 
@@ -65,6 +66,15 @@ SOURCES = {
                   'setting nor which of its test\'s seven fusions it reports: placed here under '
                   'SYSU-MM01 all-search and RegDB IR->VIS, the defaults of its test.py (mode all; '
                   'RegDB --tvsearch, always on)',
+    'readme-lba': 'released code README, section 4 "Results", LbA row (LLCM re-run by the DEEN '
+                  'authors; the top-level README renames the row "CMAlign"), '
+                  + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
+    'lba-readme': 'Park et al., "Learning by Aligning: Visible-Infrared Person Re-identification '
+                  'using Cross-Modal Correspondences", ICCV 2021, released code README, "Test" '
+                  'table (method full), https://github.com/cvlab-yonsei/LbA/blob/'
+                  '66a3ab987c3f50633bafd727db8c6680c3bb7f68/README.md; SYSU-MM01 all-search',
+    'lba-readme-weights': 'the same README, "Pretrained weights" table: its released SYSU-MM01 '
+                          'weights (sysu_pretrained.t, release v1.0) tested with its test.py',
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -117,6 +127,12 @@ PUBLISHED = {
         'readme-mmn-llcm': {'Rank-1': 63.97, 'Rank-10': 88.66, 'Rank-20': 93.05, 'mAP': 48.47}},
     ('mmn', 'sysu', 'all ir_to_vis'): {'mmn-readme': {'Rank-1': 70.6, 'mAP': 66.9}},
     ('mmn', 'regdb', 'ir_to_vis'): {'mmn-readme': {'Rank-1': 91.6, 'mAP': 84.1}},
+    ('lba', 'sysu', 'all ir_to_vis'): {'lba-readme': {'Rank-1': 55.41, 'mAP': 54.14},
+                                       'lba-readme-weights': {'Rank-1': 56.31, 'mAP': 55.22}},
+    ('lba', 'llcm', 'ir_to_vis'): {
+        'readme-lba': {'Rank-1': 42.76, 'Rank-10': 77.40, 'Rank-20': 86.11, 'mAP': 50.95}},
+    ('lba', 'llcm', 'released_vis_to_ir'): {
+        'readme-lba': {'Rank-1': 54.78, 'Rank-10': 85.12, 'Rank-20': 91.63, 'mAP': 40.81}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',
@@ -191,12 +207,17 @@ def _made_with(done):
     return {'code': sorted(code), 'environments': sorted(environments)}
 
 
+def _method_title(name):
+    """A method's title as its module spells it ('LbA'); a named recipe's name in capitals."""
+    return METHODS[name].title if name in METHODS else name.upper()
+
+
 def comparison_markdown(comparison):
     """The comparison as a Markdown section: a table per dataset and method with ours (mean ±
     std), the seed spread, each published value and the difference, then sources and provenance."""
     seeds = comparison['seeds']
     trial_word = 'splits' if comparison['dataset'] == 'regdb' else 'gallery trials'
-    lines = [f'## {comparison["title"]}, {comparison["method"].upper()}', '',
+    lines = [f'## {comparison["title"]}, {_method_title(comparison["method"])}', '',
              f'Fusion {comparison["fusion"]}; seeds {" ".join(map(str, seeds)) or "none"}; '
              f'{trial_word} {_listed(comparison["trials"])}; {comparison["parts_done"]} part(s) '
              f'done, {len(comparison["missing"])} not done. Values in %.', '',

@@ -137,7 +137,7 @@ def build_parser():
     schedule.add_argument('--lr-steps', type=int, nargs='+', help='epochs at which the learning '
                           'rate drops x0.1 (default: DEEN 20 80, AGW and CAJ 20 50)')
     schedule.add_argument('--eval-every', type=int, help='evaluate every N epochs, 0: never '
-                          '(default: 1)')
+                          '(default: 1; LbA 0, its released test takes the last epoch)')
     schedule.add_argument('--seed', type=int, default=0, help='seed of every random draw')
     schedule.add_argument('--max-steps', type=int, help='stop each epoch after this many steps per '
                           'process (smoke tests and benchmarks)')

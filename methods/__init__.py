@@ -4,12 +4,13 @@ its network, training views, criterion, recipe, per-epoch state, test features a
 from methods.agw import AGW_METHOD, CAJ_METHOD
 from methods.ddag import DDAG_METHOD
 from methods.deen import DEEN_METHOD
+from methods.lba import LBA_METHOD
 from methods.mmn import MMN_METHOD
 from model import backbone_state_dict
 from utils import UserError
 
 METHODS = {method.name: method for method in (DEEN_METHOD, AGW_METHOD, CAJ_METHOD, DDAG_METHOD,
-                                             MMN_METHOD)}
+                                             MMN_METHOD, LBA_METHOD)}
 
 
 def get_method(name):

@@ -196,7 +196,7 @@ def test_flags_that_reproduce_sets_itself_are_refused():
 def test_a_single_feature_is_compared_for_caj_only():
     args = reproduce.parse_args(['--dataset', 'llcm', '--method', 'caj', '--fusion', 'feat'])
     assert args.fusion == 'feat'
-    with pytest.raises(reproduce.UserError, match='--fusion pool is reported for CAJ only'):
+    with pytest.raises(reproduce.UserError, match='--fusion pool is reported for CAJ and LbA only'):
         reproduce.parse_args(['--dataset', 'llcm', '--fusion', 'pool'])
 
 
