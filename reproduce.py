@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+import corruption_report
 import figures
 import training
 from data_manager import DATASETS, dataset_facts
@@ -41,10 +42,12 @@ def build_parser():
     table.add_argument('--dataset', choices=(*DATASETS, 'all'),
                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
                        'or --sweep: narrows the datasets they run on)')
-    table.add_argument('--table', default='main', choices=('main', *ABLATION_TABLES),
+    table.add_argument('--table', default='main', choices=('main', *ABLATION_TABLES, 'robustness'),
                        help='main: the results table of --dataset; components, dee-stage, '
                        'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
-                       'SYSU-MM01 (--dataset narrows)')
+                       'SYSU-MM01 (--dataset narrows); robustness: the main table\'s checkpoints '
+                       'also tested on corrupted images (CIL\'s mixed set and the corruption x '
+                       'severity grid; docs/reproducing.md)')
     table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
@@ -173,7 +176,7 @@ class Part:
 
 def make_plan(args):
     """Every part of the requested table(s), in the order they run."""
-    if args.table != 'main' or args.sweep:
+    if args.table not in ('main', 'robustness') or args.sweep:
         return ablation_plan(args)
     datasets = TABLE_DATASETS if args.dataset == 'all' else (args.dataset,)
     plan = []
@@ -313,18 +316,24 @@ def main(argv=None):
     device, ctx = setup_runtime(plan[0].train_args)
     try:
         statuses = shared_statuses(plan, ctx)
+        robustness = args.table == 'robustness'
         if ctx.is_main and (args.dry_run or not args.report):
             print(format_plan(plan, statuses), flush=True)
+            if robustness:
+                print(corruption_report.format_tests(plan), flush=True)
         if args.dry_run:
             return 0
         if not args.report:
             code = run_plan(plan, statuses, device, ctx)
             if code != 0:
                 return code
+            if robustness:
+                corruption_report.run_tests(args, plan, device, ctx, announce)
             statuses = shared_statuses(plan, ctx)
         if ctx.is_main:
-            (report if args.table == 'main' and not args.sweep else ablation_report)(
-                args, plan, statuses)
+            reporter = ({'main': report, 'robustness': corruption_report.report}.get(args.table)
+                        if not args.sweep else None) or ablation_report
+            reporter(args, plan, statuses)
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -337,6 +346,8 @@ def main(argv=None):
 def check_ablation_args(args, train_flags):
     """--table / --sweep: one of them, DEEN, datasets the paper's tables use (or the demo), no
     train.py flag that a row sets itself, and a sweep over a numeric train.py flag."""
+    if args.table == 'robustness':
+        return corruption_report.check_args(args)
     if args.table == 'main' and not args.sweep:
         return
     if args.table != 'main' and args.sweep:
