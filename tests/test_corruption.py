@@ -347,3 +347,67 @@ def test_a_modality_the_protocol_has_no_image_of_is_refused(llcm_root):
     assert str(error.value) == ('--corrupt-modality infrared: the llcm protocol tested here has '
                                 'no infrared image.')
     corruption.check_corrupted_modality(setting(modality='visible'), [visible], 'llcm')
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py --table robustness
+
+def test_robustness_dry_run_lists_the_corrupted_tests_and_writes_nothing(tmp_path, capsys):
+    import reproduce
+    out = tmp_path / 'out'
+    assert reproduce.main(['--table', 'robustness', '--dataset', 'demo', '--device', 'cpu',
+                           '--out', str(out), '--dry-run']) == 0
+    printed = capsys.readouterr().out
+    assert 'corrupted tests of demo deen seed 0: 101 (the mixed set and 100 grid cells), 0 done' \
+        in printed
+    assert not out.exists()
+
+
+def test_robustness_table_puts_clean_beside_corrupted_and_draws_the_grid(llcm_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    import corruption_report
+    import reproduce
+    monkeypatch.setattr(corruption_report, 'CORRUPTIONS', ('contrast', 'pixelate'))
+    monkeypatch.setattr(corruption_report, 'SEVERITIES', (1, 5))
+    out = tmp_path / 'out'
+    argv = ['--table', 'robustness', '--dataset', 'llcm', '--data-path', str(llcm_root),
+            '--out', str(out), '--cache-dir', str(tmp_path / 'cache'), '--arch', 'resnet18',
+            '--pretrained', 'none', '--img_h', '64', '--img_w', '32', '--batch-size', '2',
+            '--num_pos', '2', '--workers', '0', '--test-batch', '32', '--device', 'cpu',
+            '--epochs', '1', '--max-steps', '1', '--eval-every', '1']
+    assert reproduce.main(argv) == 0
+    table = json.load(open(out / 'robustness' / 'llcm_deen_robustness.json'))
+    assert [row['setting'] for row in table['rows']] == ['ir_to_vis', 'vis_to_ir']
+    clean = json.load(open(out / 'llcm_deen' / 'seed0' / 'results' / 'llcm_deen_test.json'))
+    for row in table['rows']:
+        for metric in ('Rank-1', 'mAP', 'mINP'):
+            ours = row['ours'][metric]
+            values = clean['results'][row['setting']]['pool+feat'][metric][2]
+            assert ours['clean'] == pytest.approx(100 * np.mean(values), rel=1e-6)
+            assert ours['delta'] == pytest.approx(ours['corrupted'] - ours['clean'], rel=1e-6)
+        assert row['published'] == {}
+    assert table['no_published'] == 'no corrupted-image numbers are published for deen on llcm'
+    grid = json.load(open(out / 'robustness' / 'llcm_deen_robustness_grid.json'))
+    assert grid['corruptions'] == ['contrast', 'pixelate'] and grid['cells_done'] == 4
+    assert np.array(grid['Rank-1']).shape == (2, 2)
+    assert (out / 'robustness' / 'llcm_deen_robustness_grid.png').stat().st_size > 0
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0  # everything done: nothing is tested again
+    printed = capsys.readouterr().out
+    assert '5 (the mixed set and 4 grid cells), 5 done' in printed
+    assert ': corrupted test ' not in printed and 'ir_to_vis` | ours (clean: CIL setting) |' in printed
+
+
+def test_cils_published_agw_rows_have_a_source_and_a_setting_we_test():
+    import paper_results
+    from data_manager import dataset_facts
+    assert len(paper_results.CORRUPTED_PUBLISHED) == 8
+    for (method, dataset, setting), sources in paper_results.CORRUPTED_PUBLISHED.items():
+        assert method in ('agw', 'agw-plain')
+        assert setting.split()[-1] in dataset_facts(dataset).directions
+        for source, numbers in sources.items():
+            assert source in paper_results.CORRUPTED_SOURCES
+            assert set(numbers['clean']) == set(numbers['corrupted']) == {'Rank-1', 'mAP', 'mINP'}
+    assert paper_results.corrupted_published('agw', 'sysu', 'all ir_to_vis')['cil-readme'][
+        'corrupted'] == {'mINP': 14.73, 'mAP': 29.99, 'Rank-1': 34.42}
+    assert paper_results.corrupted_published('deen', 'llcm', 'ir_to_vis') == {}
