@@ -506,3 +506,33 @@ def header(setting, layout):
                 'regdb': '; RegDB-C'}.get(layout, '')
     return f'{setting.describe()}{protocol}; each image resized to 144x288 before it is ' \
            f'corrupted; every image\'s (corruption, severity) is in the results file'
+
+
+def corrupted_rows(rows, corruptor, folder):
+    """Rank-list rows (figures.rank_list_numbers) as drawn on corrupted images: each image the
+    corruptor covers is written once into folder as a PNG (at CIL's size) and the rows returned
+    show that file; the given rows gain, per corrupted image, its 'corruption' [name, severity]
+    and the 'shown' file."""
+    written = {}
+
+    def shown(path, entry):
+        if not corruptor.covers(path):
+            return path
+        key, name, severity = corruptor.plan[path]
+        if path not in written:
+            written[path] = os.path.join(folder, f'{key[:16]}_{name}{severity}_seed'
+                                                 f'{corruptor.seed}.png')
+            with written_atomically(written[path]) as tmp:
+                corruptor.image(path).save(tmp, format='PNG')
+        entry.update(corruption=[name, severity], shown=written[path])
+        return written[path]
+
+    drawn = []
+    for row in rows:
+        query = {}
+        drawn.append({**row, 'query': shown(row['query'], query),
+                      'gallery': [{**entry, 'path': shown(entry['path'], entry)}
+                                  for entry in row['gallery']]})
+        if query:
+            row['query_corruption'], row['query_shown'] = query['corruption'], query['shown']
+    return drawn

@@ -189,10 +189,11 @@ def robustness_markdown(table):
              f'{table["protocol"]}; seed {table["corrupt_seed"]}; fusion {table["fusion"]}; '
              f'{table["clean_records"]} clean and {table["corrupted_records"]} corrupted results '
              f'file(s). Values in %, clean → corrupted.', '',
-             '| setting | row | ' + ' | '.join(METRICS) + ' |', '|---|---|' + '---:|' * len(METRICS)]
+             '| setting | row | ' + ' | '.join(METRICS) + ' |',
+             '|---|---|' + '---:|' * len(METRICS)]
     for row in table['rows']:
         ours = row['ours']
-        cells = [(f'ours (clean: CIL setting)', [_pair(ours[m]['clean'], ours[m]['corrupted'])
+        cells = [('ours (clean: CIL setting)', [_pair(ours[m]['clean'], ours[m]['corrupted'])
                                                  for m in METRICS]),
                  ('ours: corrupted − clean', [_cell(ours[m]['delta'], True) for m in METRICS]),
                  ('ours: clean, every trial', [_cell(ours[m]['clean_all_trials'])

@@ -323,8 +323,8 @@ def test_bad_corruption_flags_are_refused_in_one_sentence(argv, message):
 
 def test_without_the_extra_the_corrupted_test_names_it(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'imagecorruptions' else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *rest: (
+        None if name == 'imagecorruptions' else find_spec(name, *rest)))
     with pytest.raises(UserError) as error:
         test_script.parse_args(['--resume', 'missing.pth', '--corrupt'])
     assert str(error.value) == ('--corrupt needs the optional package imagecorruptions '
@@ -395,7 +395,8 @@ def test_robustness_table_puts_clean_beside_corrupted_and_draws_the_grid(llcm_ro
     assert reproduce.main(argv) == 0  # everything done: nothing is tested again
     printed = capsys.readouterr().out
     assert '5 (the mixed set and 4 grid cells), 5 done' in printed
-    assert ': corrupted test ' not in printed and 'ir_to_vis` | ours (clean: CIL setting) |' in printed
+    assert ': corrupted test ' not in printed
+    assert '| `ir_to_vis` | ours (clean: CIL setting) |' in printed
 
 
 def test_cils_published_agw_rows_have_a_source_and_a_setting_we_test():
@@ -411,3 +412,35 @@ def test_cils_published_agw_rows_have_a_source_and_a_setting_we_test():
     assert paper_results.corrupted_published('agw', 'sysu', 'all ir_to_vis')['cil-readme'][
         'corrupted'] == {'mINP': 14.73, 'mAP': 29.99, 'Rank-1': 34.42}
     assert paper_results.corrupted_published('deen', 'llcm', 'ir_to_vis') == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# visualize.py: rank lists on the corrupted gallery
+
+def test_visualize_draws_rank_lists_on_the_corrupted_gallery(llcm_root, tmp_path, capsys):
+    import visualize
+    checkpoint = tmp_path / 'tiny.pth'
+    seeded_checkpoint(checkpoint, 'llcm', num_classes=6)
+    out = tmp_path / 'figures'
+    assert visualize.main(['ranks', '--resume', str(checkpoint), '--dataset', 'llcm',
+                           '--data-path', str(llcm_root), '--trial', '0', '--num-queries', '1',
+                           '--topk', '3', '--device', 'cpu', '--workers', '0', '--out', str(out),
+                           '--corruption', 'contrast', '--severity', '5']) == 0
+    numbers = json.load(open(out / 'ranks_ir_to_vis.json'))
+    assert numbers['corruption'] == 'corrupted visible images: contrast at severity 5, seed 0'
+    gallery = numbers['rows'][0]['gallery']
+    assert all(entry['corruption'] == ['contrast', 5] for entry in gallery)  # visible gallery
+    assert 'query_corruption' not in numbers['rows'][0]  # infrared query: clean
+    shown = np.asarray(corruption.Image.open(gallery[0]['shown']))
+    assert shown.shape == (288, 144, 3) and shown.std() < np.asarray(
+        corruption.Image.open(gallery[0]['path']).convert('RGB')).std()
+    vis_to_ir = json.load(open(out / 'ranks_vis_to_ir.json'))['rows'][0]
+    assert vis_to_ir['query_corruption'] == ['contrast', 5]
+    assert all('corruption' not in entry for entry in vis_to_ir['gallery'])
+
+
+def test_visualize_refuses_corruption_flags_with_saved_features(tmp_path):
+    import visualize
+    with pytest.raises(UserError, match='--corrupt corrupts the images features are extracted '
+                                        'from; use it with --resume, not --features.'):
+        visualize.parse_args(['--features', 'f.pt', '--out', str(tmp_path), '--corrupt'])
