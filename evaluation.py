@@ -322,6 +322,8 @@ def check_test_inputs(args):
                 checkpoint_for_trial(args.save_features, group[0]))), 'save_features', 'features')
     check_output_folder(os.path.dirname(os.path.abspath(results_path(args))), 'output',
                         'the results file')
+    if args.corrupted and args.corrupted.cache_dir:
+        check_output_folder(args.corrupted.cache_dir, 'corrupt_cache', 'the corrupted images')
 
 
 def results_record(args, summaries, counts, models, made):

@@ -444,3 +444,15 @@ def test_visualize_refuses_corruption_flags_with_saved_features(tmp_path):
     with pytest.raises(UserError, match='--corrupt corrupts the images features are extracted '
                                         'from; use it with --resume, not --features.'):
         visualize.parse_args(['--features', 'f.pt', '--out', str(tmp_path), '--corrupt'])
+
+
+def test_a_cache_folder_that_is_a_file_is_refused_before_any_extraction(llcm_root, tmp_path):
+    checkpoint = tmp_path / 'tiny.pth'
+    seeded_checkpoint(checkpoint, 'llcm', num_classes=6)
+    not_a_folder = tmp_path / 'cache'
+    not_a_folder.write_text('')
+    with pytest.raises(UserError, match=r'--corrupt-cache .*cache is a file; expected a folder '
+                                        r'for the corrupted images\.'):
+        test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',
+                          str(checkpoint), '--device', 'cpu', '--corrupt', '--corrupt-cache',
+                          str(not_a_folder)])
