@@ -58,8 +58,8 @@ def add_corruption_args(parser):
                        'corruption on every image of --corrupt-modality (with --severity)')
     group.add_argument('--severity', type=int, help='severity 1..5 of --corruption')
     group.add_argument('--corrupt-seed', type=int, help=f'seed of the draws (default: '
-                       f'{DEFAULT_SEED}); an image\'s corruption depends on it and the image\'s '
-                       f'content only')
+                       f'{DEFAULT_SEED}); an image\'s corruption depends on it and the '
+                       f'image\'s content only')
     group.add_argument('--corrupt-modality', choices=tuple(MODALITIES), help='the images '
                        'corrupted (default: visible, as CIL)')
     group.add_argument('--corrupt-cache', metavar='DIR', help='keep the corrupted images in this '

@@ -187,7 +187,8 @@ def extract_features(model, image_lists, args, device, ctx=None, progress=False)
     """Pass each distinct image of image_lists (and its horizontal flip, in the same batch)
     through the network once; under torchrun each process takes every world_size-th image and
     the results are gathered on all processes. args gives img_h, img_w, test_batch, workers,
-    amp, channels_last and corrupted (test.py's corruption flags, corruption.py); progress shows a progress bar per modality on the main process."""
+    amp, channels_last and corrupted (test.py's corruption flags, corruption.py); progress
+    shows a progress bar per modality on the main process."""
     ctx = ctx or DistContext()
     store = FeatureStore()
     model.eval()

@@ -1,5 +1,6 @@
 """The published numbers of DEEN, AGW (with and without random erasing) and CAJ, in one table
-with their sources (and CIL's AGW rows on corrupted images), and the comparison of our results with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
+with their sources (and CIL's AGW rows on corrupted images), and the comparison of our results
+with them: ours as mean ± std over trials and seeds, the difference, the protocol."""
 import os
 
 import numpy as np

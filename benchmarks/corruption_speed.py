@@ -57,7 +57,8 @@ def main():
     for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f'  {name:<18} {1000 * value:8.1f} ms per image')
     expected = float(np.mean(list(seconds.values())))
-    print(f'  mean over the 20 (the mixed set\'s expected cost): {1000 * expected:.1f} ms per image')
+    print(f'  mean over the 20 (the mixed set\'s expected cost): {1000 * expected:.1f} ms per '
+          f'image')
     plan = corruption.Plan(corruption.Setting(None, None, args.seed, 'visible', None))
     start = time.process_time()
     corruptor = plan.corruptor([visible])
