@@ -1,9 +1,10 @@
 """Corrupted test images (corruption.py, test.py --corrupt / --corruption): every corruption at
 every severity runs, changes the image and repeats under its seed; the same seed gives
-byte-identical images in any worker or process, another seed other images; only the chosen
-modality changes; the mixed set's draws are in the results file and follow from it; SYSU-MM01-C
-tests trial 0 with clean queries; each compatibility shim fixes what fails without it; the
-refusals come before any work."""
+byte-identical images in any worker or process (and the same features under torchrun), another
+seed other images; only the chosen modality changes; the mixed set's draws are in the results
+file and follow from it; SYSU-MM01-C tests trial 0 with clean queries; each compatibility shim
+fixes what fails without it; the refusals come before any work; reproduce.py --table robustness
+and visualize.py's rank lists on corrupted images."""
 import importlib.util
 import json
 import os
@@ -456,3 +457,34 @@ def test_a_cache_folder_that_is_a_file_is_refused_before_any_extraction(llcm_roo
         test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume',
                           str(checkpoint), '--device', 'cpu', '--corrupt', '--corrupt-cache',
                           str(not_a_folder)])
+
+
+def test_two_torchrun_processes_test_the_same_corrupted_images_as_one(llcm_root, tmp_path):
+    import socket
+    checkpoint = tmp_path / 'tiny.pth'
+    seeded_checkpoint(checkpoint, 'llcm', num_classes=6, random_batchnorm=True)
+    argv = ['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume', str(checkpoint),
+            '--device', 'cpu', '--workers', '0', '--trial', '0', '--corrupt', '--corrupt-seed', '5']
+    assert test_script.main([*argv, '--output', str(tmp_path / 'one.json'), '--save-features',
+                             str(tmp_path / 'one.pt')]) == 0
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
+               '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}',
+               os.path.join(REPO, 'test.py'), *argv, '--output', str(tmp_path / 'two.json'),
+               '--save-features', str(tmp_path / 'two.pt')]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / f'{n}.json')) for n in ('one', 'two'))
+    assert two['corruption']['draws'] == one['corruption']['draws']
+    assert two['provenance']['processes'] == 2
+    features = [torch.load(tmp_path / f'{n}.pt', weights_only=True)['modalities']['visible']
+                for n in ('one', 'two')]
+    assert features[0]['paths'] == features[1]['paths']
+    assert torch.allclose(features[0]['features'], features[1]['features'], atol=1e-5)
+    for setting, by_fusion in one['results'].items():
+        for fusion, metrics in by_fusion.items():
+            for metric, (mean, _, _) in metrics.items():
+                assert two['results'][setting][fusion][metric][0] == pytest.approx(mean, rel=1e-5)
