@@ -99,17 +99,32 @@ class Setting(NamedTuple):
 def check_corruption_flags(args):
     """The corruption flags are coherent and the library is there; sets args.corrupted to a
     Setting (None for a clean test). Every problem is one sentence, before anything is loaded."""
-    given = [dest for dest in ('corrupt_seed', 'corrupt_modality', 'corrupt_cache', 'severity')
-             if getattr(args, dest) is not None]
     if args.corrupt and args.corruption is not None:
         raise UserError(f'pass {flag("corrupt")} (CIL\'s mixed set) or {flag("corruption")} NAME '
                         f'{flag("severity")} S (one cell), not both.')
     if not args.corrupt and args.corruption is None:
-        if given:
-            raise UserError(f'{flag(given[0])} sets a corrupted test; add {flag("corrupt")} or '
-                            f'{flag("corruption")} NAME.')
+        refuse_stray_flags(args)
         args.corrupted = None
         return None
+    check_severity(args)
+    check_library('corrupt' if args.corrupt else 'corruption')
+    args.corrupted = Setting(args.corruption, args.severity,
+                             DEFAULT_SEED if args.corrupt_seed is None else args.corrupt_seed,
+                             args.corrupt_modality or 'visible', args.corrupt_cache)
+    return args.corrupted
+
+
+def refuse_stray_flags(args):
+    """A clean test takes none of the flags that set a corrupted one."""
+    given = [dest for dest in ('corrupt_seed', 'corrupt_modality', 'corrupt_cache', 'severity')
+             if getattr(args, dest) is not None]
+    if given:
+        raise UserError(f'{flag(given[0])} sets a corrupted test; add {flag("corrupt")} or '
+                        f'{flag("corruption")} NAME.')
+
+
+def check_severity(args):
+    """--corruption NAME comes with --severity 1..5, --corrupt without one."""
     if args.corruption is not None:
         check_corruption_name(args.corruption)
         if args.severity is None:
@@ -120,11 +135,6 @@ def check_corruption_flags(args):
                         f'{flag("corrupt")} draws one per image.')
     if args.severity is not None and args.severity not in SEVERITIES:
         raise UserError(f'{flag("severity")} must be 1..5, got {args.severity}.')
-    check_library('corrupt' if args.corrupt else 'corruption')
-    args.corrupted = Setting(args.corruption, args.severity,
-                             DEFAULT_SEED if args.corrupt_seed is None else args.corrupt_seed,
-                             args.corrupt_modality or 'visible', args.corrupt_cache)
-    return args.corrupted
 
 
 def check_corruption_name(name):
