@@ -21,6 +21,9 @@ METRICS = ('Rank-1', 'mAP', 'mINP')
 # The settings of CIL's table (its Mode A and B), and the one the grid is drawn for.
 CIL_SETTINGS = {'sysu': ('all ir_to_vis', 'indoor ir_to_vis'), 'regdb': ('vis_to_ir', 'ir_to_vis'),
                 'llcm': ('ir_to_vis', 'vis_to_ir')}
+PROTOCOLS = {'sysu': 'SYSU-MM01-C: gallery trial 0 (the clean CIL-setting row too)',
+             'regdb': 'RegDB-C: every split, each with its own model',
+             'llcm': 'LLCM-C (ours): every gallery trial'}
 GRID_SETTING = {'sysu': 'all ir_to_vis', 'regdb': 'vis_to_ir', 'llcm': 'ir_to_vis'}
 
 
@@ -175,8 +178,7 @@ def robustness_table(dataset, method, fusion, clean, mixed):
             'corrupt_seed': CORRUPT_SEED, 'clean_records': len(clean),
             'corrupted_records': len(mixed),
             'protocol': 'CIL mixed set: one random corruption and severity per visible image '
-                        '(resized to 144x288 first), infrared images clean; SYSU-MM01: gallery '
-                        'trial 0',
+                        '(resized to 144x288 first), infrared images clean; ' + PROTOCOLS[layout],
             'rows': rows, 'sources': {key: CORRUPTED_SOURCES[key] for key in used},
             'no_published': None if used else f'no corrupted-image numbers are published for '
                                               f'{method} on {dataset}'}
