@@ -488,3 +488,27 @@ def test_two_torchrun_processes_test_the_same_corrupted_images_as_one(llcm_root,
         for fusion, metrics in by_fusion.items():
             for metric, (mean, _, _) in metrics.items():
                 assert two['results'][setting][fusion][metric][0] == pytest.approx(mean, rel=1e-5)
+
+
+def test_the_sysu_robustness_row_compares_trial_0_and_stands_beside_cils_agw():
+    import corruption_report
+
+    def record(values, trials):
+        metrics = {m: (float(np.mean(values)), 0.0, values) for m in ('Rank-1', 'mAP', 'mINP')}
+        return {'protocol': {'trials': trials},
+                'results': {s: {'pool+feat': metrics} for s in ('all ir_to_vis',
+                                                                 'indoor ir_to_vis')}}
+    clean = record([0.5 + t / 100 for t in range(10)], list(range(10)))
+    mixed = record([0.3], [0])
+    table = corruption_report.robustness_table('sysu', 'agw', 'pool+feat', [clean], [mixed])
+    row = table['rows'][0]
+    assert row['setting'] == 'all ir_to_vis'
+    assert row['ours']['Rank-1']['clean'] == pytest.approx(50.0)  # trial 0 only
+    assert row['ours']['Rank-1']['clean_all_trials'] == pytest.approx(54.5)
+    assert row['ours']['Rank-1']['delta'] == pytest.approx(-20.0)
+    assert row['published']['cil-readme']['clean']['Rank-1'] == 47.50
+    assert 'cil-readme' in table['sources'] and table['no_published'] is None
+    markdown = corruption_report.robustness_markdown(table)
+    assert '| `all ir_to_vis` | ours (clean: CIL setting) | 50.00 → 30.00 |' in markdown
+    assert '|  | published: cil-readme | 47.50 → 34.42 | 47.65 → 29.99 | 36.17 → 14.73 |' \
+        in markdown
