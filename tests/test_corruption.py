@@ -100,7 +100,7 @@ def test_without_the_float_shim_fog_fails_on_numpy_2():
 
 def test_without_the_gaussian_shim_the_gaussian_blurs_fail():
     if not corruption.SHIMS['gaussian multichannel'].needed():
-        pytest.skip('this scikit-image still takes multichannel= (the shim is for >= 0.19)')
+        pytest.skip('this scikit-image still takes multichannel= (the shim is for later ones)')
     module = corruption.load_corruptions(shims=('pkg_resources',))
     for name in ('gaussian_blur', 'glass_blur'):
         with pytest.raises(TypeError, match='multichannel'):
