@@ -202,9 +202,9 @@ SHIMS = {
     'np.float_': Shim('fog (its plasma fractal allocates np.float_)', 'numpy >= 2',
                       lambda: not hasattr(np, 'float_')),
     'gaussian multichannel': Shim('gaussian_blur and glass_blur (skimage.filters.gaussian('
-                                  'multichannel=True))', 'scikit-image without multichannel= (channel_axis since '
-                                  '0.19, multichannel removed after its deprecation)',
-                                  _gaussian_lacks_multichannel),
+                                  'multichannel=True))', 'scikit-image without multichannel= '
+                                  '(channel_axis since 0.19, multichannel removed after its '
+                                  'deprecation)', _gaussian_lacks_multichannel),
     'seeded impulse noise': Shim('repeatability of impulse_noise (skimage.util.random_noise draws '
                                  'from a generator of its own, not numpy\'s global state)',
                                  'every scikit-image version', lambda: True),
