@@ -350,17 +350,21 @@ class CrossModalTrainSet(torch.utils.data.Dataset):
 
 
 class TestImageSet(torch.utils.data.Dataset):
-    """Test images by path (or as PIL images), decoded and resized to (img_w, img_h)."""
+    """Test images by path (or as PIL images), decoded and resized to (img_w, img_h); with a
+    corruption.Corruptor, the images it covers are corrupted (at CIL's size) before the resize."""
 
-    def __init__(self, paths, img_h, img_w):
+    def __init__(self, paths, img_h, img_w, corruption=None):
         self.paths, self.size = list(paths), (img_w, img_h)
         self.transform = test_transform()
+        self.corruption = corruption
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         image = self.paths[index]
+        if self.corruption is not None and self.corruption.covers(image):
+            return self.transform(as_rgb(self.corruption.image(image), self.size))
         if isinstance(image, Image.Image):
             return self.transform(as_rgb(image, self.size))
         return self.transform(read_image(image, self.size))

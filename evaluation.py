@@ -10,6 +10,8 @@ import numpy as np
 from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
                     check_network_input, check_output_folder, check_runtime_flags,
                     check_torch_file)
+from corruption import (add_corruption_args, check_corrupted_modality, check_corruption_flags,
+                        corrupted_trials, header, plan_of)
 from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_STEM_DIRECTIONS,
                           dataset_facts, layout_of, query_gallery)
 from eval_metrics import evaluate
@@ -128,7 +130,8 @@ def parse_trials(trial, layout):
 def trial_groups(args, layout):
     """The trials tested with one model each: RegDB one split per model ({trial} in --resume),
     SYSU-MM01 and LLCM all gallery trials with the one model."""
-    trials = parse_trials(args.trial, layout)
+    trials = corrupted_trials(getattr(args, 'corrupted', None), layout,
+                              parse_trials(args.trial, layout), args.trial)
     if layout != 'regdb':
         return [trials]
     if len(trials) > 1 and '{trial}' not in args.resume:
@@ -177,7 +180,8 @@ def run_protocol(args, device, ctx):
         if args.save_features and ctx.is_main:
             store.save(checkpoint_for_trial(args.save_features, group[0]),
                        {'dataset': args.dataset, 'data_path': args.data_path, 'checkpoint': path,
-                        'method': info['method'], 'img_h': args.img_h, 'img_w': args.img_w})
+                        'method': info['method'], 'img_h': args.img_h, 'img_w': args.img_w,
+                        'corrupted': args.corrupted.describe() if args.corrupted else None})
     return summarise_settings(results), counts, models, summarise_settings(reranked)
 
 
@@ -234,6 +238,7 @@ def add_test_args(parser):
                         'paths, ids, cameras, modality) to this torch file; RegDB: put {trial} '
                         'in it')
     add_rerank_args(parser)
+    add_corruption_args(parser)
     add_runtime_args(parser)
 
 
@@ -251,6 +256,7 @@ def parse_test_args(argv=None, description=None):
     fill_runtime_defaults(args)
     check_runtime_flags(args)
     check_rerank_flags(args)
+    check_corruption_flags(args)
     if args.dataset:
         args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     return args
@@ -280,11 +286,17 @@ def run_test(args, device, ctx):
     summaries, counts, models, reranked = run_protocol(args, device, ctx)
     if not ctx.is_main:
         return None
-    print(format_results(args.dataset, summaries, reranked, rerank_params(args)))
+    label = args.dataset
+    if args.corrupted:
+        print(header(args.corrupted, layout_of(args.dataset)) + '\n')
+        label = f'{args.dataset}-C ({args.corrupted.tag()})'
+    print(format_results(label, summaries, reranked, rerank_params(args)))
     print(f'{counts["images"]} distinct test images, each passed once with its flip '
           f'({counts["forward_passes"]} batches); running the released script once per setting '
           f'would decode {counts["separate_extraction_images"]} images.')
     record = results_record(args, summaries, counts, models, run_provenance(args, ctx, device))
+    if args.corrupted:
+        record['corruption'] = plan_of(args).record(args.data_path)
     if args.rerank:
         record['reranked'] = {**rerank_record(rerank_params(args)), 'results': reranked}
     output = results_path(args)
@@ -307,11 +319,15 @@ def check_test_inputs(args):
                                  args.multi_shot)
         check_images_exist([lst for _, _, query, gallery in splits for lst in (query, gallery)],
                            'test')
+        check_corrupted_modality(args.corrupted, [lst for _, _, query, gallery in splits
+                                                  for lst in (query, gallery)], args.dataset)
         if args.save_features:
             check_output_folder(os.path.dirname(os.path.abspath(
                 checkpoint_for_trial(args.save_features, group[0]))), 'save_features', 'features')
     check_output_folder(os.path.dirname(os.path.abspath(results_path(args))), 'output',
                         'the results file')
+    if args.corrupted and args.corrupted.cache_dir:
+        check_output_folder(args.corrupted.cache_dir, 'corrupt_cache', 'the corrupted images')
 
 
 def results_record(args, summaries, counts, models, made):
@@ -336,9 +352,11 @@ def fusion_record(fusion):
 
 
 def results_path(args):
-    """--output, or <checkpoint without extension>_test.json ({trial} removed) beside it."""
+    """--output, or <checkpoint without extension>_test.json ({trial} removed) beside it
+    (corrupted: <checkpoint>_<corruption tag>_test.json)."""
     stem = os.path.splitext(checkpoint_for_trial(args.resume, 'all'))[0]
-    return args.output or stem + '_test.json'
+    corrupted = getattr(args, 'corrupted', None)
+    return args.output or stem + (f'_{corrupted.tag()}' if corrupted else '') + '_test.json'
 
 
 def write_results(path, record):

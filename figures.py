@@ -588,3 +588,38 @@ def draw_benchmark(numbers, out_path):
         ax.grid(axis='x', alpha=0.3)
         ax.legend(fontsize=7, loc='best')
     return _save(figure, out_path)
+def draw_corruption_grid(numbers, out_path):
+    """The corruption x severity grid (reproduce.py --table robustness): Rank-1 and mAP in % of
+    each corruption (rows) at each severity (columns) as two annotated heat maps, the clean and
+    mixed-set values in the titles; a cell not yet tested is blank."""
+    figure, axes = _panels(2)
+    figure.set_size_inches(PANEL_INCHES[0] * 2, PANEL_INCHES[1] * 1.6)
+    for ax, metric in zip(axes, ('Rank-1', 'mAP')):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in numbers[metric]],
+                        dtype=float)
+        clean, mixed = numbers['clean'].get(metric), numbers['mixed'].get(metric)
+        top = max([1.0, clean or 0.0] + ([float(np.nanmax(grid))] if np.isfinite(grid).any()
+                                         else []))
+        ax.imshow(grid, cmap='viridis', aspect='auto', vmin=0, vmax=top)
+        for (row, column), value in np.ndenumerate(grid):
+            if np.isfinite(value):  # dark text on the bright end of viridis
+                ax.text(column, row, f'{value:.1f}', ha='center', va='center', fontsize=6,
+                        color='black' if value > 0.6 * top else 'white')
+        ax.set_xticks(range(len(numbers['severities'])), numbers['severities'])
+        ax.set_yticks(range(len(numbers['corruptions'])), numbers['corruptions'], fontsize=7)
+        ax.set_xlabel('severity')
+        ax.set_title(f'{metric} %: clean {_or_dash(clean)}, mixed set {_or_dash(mixed)}',
+                     fontsize=9)
+    figure.suptitle(f'{numbers["dataset"]} {numbers["method"]}, {numbers["setting"]}, fusion '
+                    f'{numbers["fusion"]}, corrupted {numbers["modality"]} images', fontsize=10)
+    try:
+        figure.tight_layout()
+        save_png(figure, out_path)
+    finally:
+        plt.close(figure)
+    width, height = figure.get_size_inches() * DPI
+    return round(width), round(height)
+
+
+def _or_dash(value):
+    return '—' if value is None else f'{value:.1f}'

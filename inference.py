@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from corruption import plan_of
 from data_loader import TestImageSet
 from data_manager import DATASETS
 from checks import check_network_input
@@ -197,29 +198,34 @@ def extract_features(model, image_lists, args, device, ctx=None, progress=False)
     """Pass each distinct image of image_lists (and its horizontal flip, in the same batch)
     through the network once; under torchrun each process takes every world_size-th image and
     the results are gathered on all processes. args gives img_h, img_w, test_batch, workers,
-    amp and channels_last; progress shows a progress bar per modality on the main process."""
+    amp, channels_last and corrupted (test.py's corruption flags, corruption.py); progress
+    shows a progress bar per modality on the main process."""
     ctx = ctx or DistContext()
     store = FeatureStore()
     model.eval()
+    plan = plan_of(args)  # corrupted images (test.py --corrupt / --corruption), else None
+    corruptor = plan.corruptor(image_lists) if plan else None
     for modality in sorted({lst.stem for lst in image_lists}):  # the stem the images pass through
         labels = {p: (pid, cam) for lst in image_lists if lst.stem == modality
                   for p, pid, cam in zip(lst.paths, lst.pids.tolist(), lst.camids.tolist())}
         paths = sorted(labels)
         mine = paths[ctx.rank::ctx.world_size]
         features, passes = embed_images(model, modality, mine, args, device,
-                                        progress=progress and ctx.is_main)
+                                        progress=progress and ctx.is_main, corruption=corruptor)
         store.add(modality, paths, _gather_strided(features, len(paths), ctx),
                   [labels[p][0] for p in paths], [labels[p][1] for p in paths])
         store.forward_passes += passes * ctx.world_size
     return store
 
 
-def embed_images(model, modality, paths, args, device, progress=False, unreadable=None):
+def embed_images(model, modality, paths, args, device, progress=False, unreadable=None,
+                 corruption=None):
     """(features [N, 2, branches, D], batches) of image files (or PIL images) through one
     modality's stem; progress shows a progress bar of the batches. unreadable: a list to which
     the indices of images that cannot be decoded are appended, leaving them out of the features
-    (without it such an image raises UserError)."""
-    images = TestImageSet(paths, args.img_h, args.img_w)
+    (without it such an image raises UserError). corruption: a corruption.Corruptor whose
+    images are corrupted."""
+    images = TestImageSet(paths, args.img_h, args.img_w, corruption)
     if unreadable is not None:
         images = _SkippingUnreadable(images)
     loader = torch.utils.data.DataLoader(images, batch_size=args.test_batch,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+import corruption_report
 import figures
 import training
 from data_manager import DATASETS, dataset_facts
@@ -45,12 +46,15 @@ def build_parser():
     table.add_argument('--dataset', choices=(*DATASETS, 'all'),
                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
                        'or --sweep: narrows the datasets they run on)')
-    table.add_argument('--table', default='main', choices=('main', 'benchmark', *ABLATION_TABLES),
+    table.add_argument('--table', default='main', choices=('main', 'benchmark', *ABLATION_TABLES,
+                                                           'robustness'),
                        help='main: the results table of --dataset; benchmark: the LLCM benchmark '
                        '(the paper\'s Table 3), every method\'s row on LLCM (--dataset sysu, '
                        'regdb: the rows that publish numbers there); components, dee-stage, '
                        'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
-                       'SYSU-MM01 (--dataset narrows)')
+                       'SYSU-MM01 (--dataset narrows); robustness: the main table\'s checkpoints '
+                       'also tested on corrupted images (CIL\'s mixed set and the corruption x '
+                       'severity grid; docs/reproducing.md)')
     table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
@@ -189,7 +193,7 @@ def make_plan(args):
     """Every part of the requested table(s), in the order they run."""
     if args.table == 'benchmark':
         return benchmark_plan(args)
-    if args.table != 'main' or args.sweep:
+    if args.table not in ('main', 'robustness') or args.sweep:
         return ablation_plan(args)
     datasets = TABLE_DATASETS if args.dataset == 'all' else (args.dataset,)
     plan = []
@@ -329,20 +333,27 @@ def main(argv=None):
     device, ctx = setup_runtime(plan[0].train_args)
     try:
         statuses = shared_statuses(plan, ctx)
+        robustness = args.table == 'robustness'
         if ctx.is_main and (args.dry_run or not args.report):
             print(format_plan(plan, statuses), flush=True)
             if args.table == 'benchmark':
                 print('\n'.join(benchmark_absent_rows(args)), flush=True)
+            if robustness:
+                print(corruption_report.format_tests(plan), flush=True)
         if args.dry_run:
             return 0
         if not args.report:
             code = run_plan(plan, statuses, device, ctx)
             if code != 0:
                 return code
+            if robustness:
+                corruption_report.run_tests(args, plan, device, ctx, announce)
             statuses = shared_statuses(plan, ctx)
         if ctx.is_main:
-            reporter = {'main': report, 'benchmark': benchmark_report}.get(args.table, ablation_report)
-            (ablation_report if args.sweep else reporter)(args, plan, statuses)
+            reporters = {'main': report, 'benchmark': benchmark_report,
+                         'robustness': corruption_report.report}
+            reporter = None if args.sweep else reporters.get(args.table)
+            (reporter or ablation_report)(args, plan, statuses)
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -355,6 +366,8 @@ def main(argv=None):
 def check_ablation_args(args, train_flags):
     """--table / --sweep: one of them, DEEN, datasets the paper's tables use (or the demo), no
     train.py flag that a row sets itself, and a sweep over a numeric train.py flag."""
+    if args.table == 'robustness':
+        return corruption_report.check_args(args)
     if args.table in ('main', 'benchmark') and not args.sweep:
         return
     if args.table != 'main' and args.sweep:

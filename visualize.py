@@ -12,12 +12,14 @@ import figures
 from checks import (check_data_folder, check_device_flags, check_images_exist, check_integer,
                     check_network_input, check_output_folder, check_runtime_flags,
                     check_torch_file)
+from corruption import (add_corruption_args, check_corrupted_modality, check_corruption_flags,
+                        corrupted_rows, corrupted_trials, plan_of)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
 from methods import fusion_names, get_method
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
 from inference import (FeatureStore, extract_features, fusion_weights,
                        inference_model, load_trained_model)
-from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
+from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults, flag,
                    manual_parser, resolve_device, run_main, written_atomically)
 
 FEATURE_PLOTS = ('tsne', 'distances', 'ranks', 'cmc')
@@ -67,6 +69,7 @@ def build_parser():
     plots.add_argument('--seed', type=int, default=0, help='random identities, queries, t-SNE')
     output = parser.add_argument_group('output')
     output.add_argument('--out', required=True, help='folder for the PNGs and their JSON numbers')
+    add_corruption_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -94,6 +97,11 @@ def check_flags(args):
         raise UserError(f'the plots {", ".join(p for p in args.plots if p in FEATURE_PLOTS)} need '
                         f'--resume CHECKPOINT or --features FILE.')
     check_runtime_flags(args)
+    if args.features and (args.corrupt or args.corruption):
+        raise UserError(f'{flag("corrupt" if args.corrupt else "corruption")} corrupts the '
+                        f'images features are extracted from; use it with --resume, not '
+                        f'--features.')
+    check_corruption_flags(args)
     for dest, minimum in (('num_ids', 2), ('tsne_points', 4), ('num_queries', 1), ('topk', 1)):
         check_integer(getattr(args, dest), dest, minimum)
 
@@ -140,13 +148,15 @@ class TestSet:
                 print(note)
         args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
         self.layout = layout_of(args.dataset)
-        self.trials = self._trials(args.trial)
+        self.trials = corrupted_trials(args.corrupted, self.layout, self._trials(args.trial),
+                                       args.trial or 'all')  # SYSU-MM01-C: trial 0
         check_data_folder(args.data_path, args.dataset)
         self.splits = protocol_splits(self.layout, args.data_path, self.trials,
                                       search_modes(args.mode))
         self.matching = dataset_facts(self.layout).matching
         if not args.features:
             check_images_exist(self.image_lists(), 'test')
+            check_corrupted_modality(args.corrupted, self.image_lists(), args.dataset)
             model, info = load_trained_model(args.resume, args.dataset, device)
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
             check_network_input(model, info['method'], args.img_h, args.img_w)
@@ -273,10 +283,17 @@ def plot_rank_lists(args, test_set, chosen_queries):
                    'rows': figures.rank_list_numbers(test_set.store, query, gallery,
                                                      test_set.matching, test_set.fusion,
                                                      rows, args.topk)}
-        title = (f'{args.dataset} {name}, gallery trial {test_set.trials[0]}: top {args.topk} of '
-                 f'{len(gallery)} ({args.fusion}; green right id, red wrong)')
+        drawn = numbers['rows']
+        if args.corrupted:  # the images as they were tested
+            numbers['corruption'] = args.corrupted.describe()
+            drawn = corrupted_rows(numbers['rows'], plan_of(args).corruptor(
+                test_set.image_lists()), os.path.join(args.out, 'corrupted_images'))
+        title = (f'{args.dataset}{"-C" if args.corrupted else ""} {name}, gallery trial '
+                 f'{test_set.trials[0]}: top {args.topk} of {len(gallery)} ({args.fusion}; green '
+                 f'right id, red wrong{"; " + args.corrupted.tag() if args.corrupted else ""})')
         lines.append(write(args.out, 'ranks_' + name.replace(' ', '_'), numbers,
-                           lambda n, path: figures.draw_rank_lists(n['rows'], path, title)))
+                           lambda n, path, drawn=drawn: figures.draw_rank_lists(drawn, path,
+                                                                                title)))
     return '\n'.join(lines)
 
 
