@@ -1,0 +1,249 @@
+"""DART: the clean-probability division, the co-divided losses (the four robust-triplet cases
+each on a constructed batch), the label noise, the twin network and the division order."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_loader import View
+from methods.dart import (DARTCriterion, Triplet, TwinNetworks, TwinOutput, anchor_triplet,
+                          clean_positive, clean_probability, divide, division_order, draw,
+                          inject_label_noise, layout_rows, min_max, noisy_training_labels,
+                          robust_triplet_loss, view_offsets, weighted_identity_loss)
+from model import TrainOutput
+
+CAJ_VIEWS = [View('visible', 'visible', None), View('visible_ca', 'visible', None),
+             View('infrared', 'infrared', None)]
+
+
+# -- clean probabilities -------------------------------------------------------------------------
+
+def two_clusters(low=40, high=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.uniform(0.1, 0.3, low), rng.uniform(3.0, 3.4, high)])
+
+
+def test_clean_probability_separates_two_clusters():
+    losses = two_clusters()
+    (clean,) = clean_probability([losses], seed=0)
+    assert clean.dtype == torch.float32 and clean.shape == (50,)
+    assert clean[:40].min() > 0.99 and clean[40:].max() < 0.01
+
+
+def test_clean_probability_normalises_each_view_on_its_own():
+    # the second view's losses are 10x the first's: normalised separately, the same images are
+    # clean in both; the mixture is fitted once over both views
+    losses = two_clusters()
+    first, second = clean_probability([losses, 10 * losses], seed=1)
+    assert torch.equal(first > 0.5, second > 0.5)
+    assert (first > 0.5).sum() == 40
+
+
+def test_clean_probability_is_seeded():
+    losses = [two_clusters(seed=3), two_clusters(seed=4)]
+    assert all(torch.equal(a, b) for a, b in zip(clean_probability(losses, 5), clean_probability(losses, 5)))
+
+
+def test_min_max_of_equal_values_is_zero():
+    assert torch.equal(min_max([2.0, 2.0]), torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(min_max([1.0, 3.0, 2.0]), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
+
+
+def test_divide_fits_one_mixture_per_modality():
+    sizes = {'visible': 50, 'infrared': 50}
+    low_high = torch.from_numpy(two_clusters())
+    losses = torch.cat([low_high, low_high, low_high.flip(0)])  # visible, visible_ca, infrared
+    clean = divide(losses, CAJ_VIEWS, sizes, seed=0)
+    assert (clean[:40] > 0.99).all() and (clean[50:90] > 0.99).all()
+    assert (clean[100:110] < 0.01).all() and (clean[110:] > 0.99).all()
+
+
+# -- the robust triplet ----------------------------------------------------------------------------
+
+# A batch on a line: anchor 0 (label 0) at 0, its positive 1 at 1, negatives (label 1) at 0.9, 3, 4
+POSITIONS = torch.tensor([0.0, 1.0, 0.9, 3.0, 4.0])
+LABELS = torch.tensor([0, 0, 1, 1, 1])
+
+
+def line_batch():
+    return (POSITIONS[:, None] - POSITIONS[None, :]).abs()
+
+
+def predictions(hard_negative_as):
+    return torch.tensor([0, 0, hard_negative_as, 1, 1])
+
+
+def case(clean, hard_negative_as=1):
+    return anchor_triplet(0, line_batch(), LABELS, predictions(hard_negative_as),
+                          torch.tensor(clean), 0.5)
+
+
+def test_triplet_both_clean_is_the_standard_one():
+    assert case([1.0, 1.0, 1.0, 1.0, 1.0], hard_negative_as=0) == Triplet(0, (1,), (2,), False)
+
+
+def test_triplet_clean_positive_noisy_negative():
+    # predicted as the anchor's identity: d_ap = mean(d_p, d_n), negative = next clean one
+    # (3 is noisy too, so 4)
+    assert case([1.0, 1.0, 0.2, 0.2, 0.9], hard_negative_as=0) == Triplet(0, (1, 2), (4,), False)
+    # predicted as another identity: the standard triplet
+    assert case([1.0, 1.0, 0.2, 0.2, 0.9], hard_negative_as=1) == Triplet(0, (1,), (2,), False)
+
+
+def test_triplet_noisy_positive_clean_negative():
+    # d_an = mean(d_p, d_n), a new clean positive (here only 1 exists: redrawn, it stays)
+    assert case([1.0, 0.1, 0.8, 1.0, 1.0]) == Triplet(0, (1,), (1, 2), False)
+
+
+def test_triplet_both_noisy():
+    # the negative predicted as the anchor's identity: the inverted hinge
+    assert case([1.0, 0.1, 0.1, 1.0, 1.0], hard_negative_as=0) == Triplet(0, (1,), (2,), True)
+    # otherwise as a noisy positive with a clean negative
+    assert case([1.0, 0.1, 0.1, 1.0, 1.0], hard_negative_as=1) == Triplet(0, (1,), (1, 2), False)
+
+
+def test_clean_positive_takes_the_first_clean_of_six_draws():
+    # positives 1 and 5 noisy, 6 clean: the first clean one of the first draw and up to five
+    # redraws, else the last draw
+    positives, clean = [1, 5, 6], torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.9])
+    for seed in range(30):
+        replay = torch.Generator().manual_seed(seed)
+        draws = [draw(positives, replay) for _ in range(6)]
+        expected = next((d for d in draws if clean[d] >= 0.5), draws[-1])
+        assert clean_positive(positives, clean, 0.5, torch.Generator().manual_seed(seed)) == expected
+
+
+def test_robust_triplet_loss_values():
+    features = POSITIONS[:, None].clone().requires_grad_()
+    logits = F.one_hot(predictions(0), 2).float() * 5
+    # only anchor 0 is confident; both its positive (1) and negative (2) noisy, 2 predicted as 0:
+    # relu(d_an - d_ap + 0.3) = relu(0.9 - 1 + 0.3) = 0.2 over 1 anchor
+    loss, count = robust_triplet_loss(features, logits, LABELS, torch.tensor([1.0, 0, 0, 0, 0]))
+    assert count == 1 and loss.item() == pytest.approx(0.2, rel=1e-5)
+    loss.backward()
+    assert features.grad.abs().sum() > 0
+    # nobody confident: 0 and no anchors
+    loss, count = robust_triplet_loss(features, logits, LABELS, torch.zeros(5))
+    assert count == 0 and loss.item() == 0.0
+
+
+def test_robust_triplet_loss_all_clean_is_mean_hinge_over_anchors():
+    # two rows per identity: every positive is forced, each anchor's hardest negative is fixed
+    positions = torch.tensor([0.0, 1.0, 1.5, 3.0])
+    labels = torch.tensor([0, 0, 1, 1])
+    dist = (positions[:, None] - positions[None, :]).abs()
+    expected = sum(max(0.0, float(dist[i, p] - dist[i][labels != labels[i]].min()) + 0.3)
+                   for i, p in enumerate([1, 0, 3, 2])) / 4
+    loss, count = robust_triplet_loss(positions[:, None], torch.zeros(4, 2), labels, torch.ones(4))
+    assert count == 4 and loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# -- co-divide ----------------------------------------------------------------------------------
+
+def fake_output(generator, rows, classes=3, dim=4):
+    return TrainOutput(torch.randn(rows, dim, generator=generator),
+                       torch.randn(rows, classes, generator=generator), None)
+
+
+def test_each_network_trains_with_the_other_networks_probabilities():
+    sizes = {'visible': 4, 'infrared': 3}
+    criterion = DARTCriterion(CAJ_VIEWS)
+    criterion.set_sizes(sizes)
+    _, total = view_offsets(CAJ_VIEWS, sizes)
+    generator = torch.Generator().manual_seed(0)
+    net1_clean, net2_clean = torch.rand(total, generator=generator), torch.rand(total, generator=generator)
+    criterion.assign(1, [net1_clean, net2_clean])
+    # B = 2 per view: visible 0 and 3, visible_ca the same two, infrared 2 and 1
+    indices = torch.tensor([0, 3, 0, 3, 2, 1])
+    labels = torch.tensor([0, 1, 0, 1, 2, 0])
+    out = TwinOutput(fake_output(generator, 6), fake_output(generator, 6), indices)
+    rows = layout_rows(CAJ_VIEWS, sizes, indices)
+    assert rows.tolist() == [0, 3, 4, 7, 10, 9]
+    total_loss, parts = criterion(out, labels)
+    assert parts['id1'].item() == pytest.approx(
+        weighted_identity_loss(out.first.logits, labels, net2_clean[rows]).item(), rel=1e-5)
+    assert parts['id2'].item() == pytest.approx(
+        weighted_identity_loss(out.second.logits, labels, net1_clean[rows]).item(), rel=1e-5)
+    assert parts['id1'].item() != pytest.approx(
+        weighted_identity_loss(out.first.logits, labels, net1_clean[rows]).item(), rel=1e-5)
+    assert set(parts) == {'id1', 'tri1', 'id2', 'tri2'}
+    assert total_loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-5)
+
+
+def test_warm_up_is_the_identity_loss_of_each_network():
+    criterion = DARTCriterion(CAJ_VIEWS)
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 0, 1, 2, 0])
+    out = TwinOutput(fake_output(generator, 6), fake_output(generator, 6), None)
+    _, parts = criterion(out, labels)
+    assert set(parts) == {'id1', 'id2'}
+    assert parts['id2'].item() == pytest.approx(F.cross_entropy(out.second.logits, labels).item(), rel=1e-5)
+    assert criterion.needs_division(1) and not criterion.needs_division(0)
+
+
+def test_criterion_state_round_trips_with_the_training_set_size():
+    criterion = DARTCriterion(CAJ_VIEWS)
+    criterion.assign(3, [torch.rand(11), torch.rand(11)])
+    restored = DARTCriterion(CAJ_VIEWS)
+    restored.load_state_dict(criterion.state_dict())
+    assert torch.equal(restored.clean, criterion.clean) and int(restored.divided_epoch) == 3
+    assert not restored.needs_division(3) and restored.needs_division(4)
+    restored.set_sizes({'visible': 4, 'infrared': 3})
+    with pytest.raises(ValueError):
+        restored.set_sizes({'visible': 5, 'infrared': 3})
+
+
+# -- label noise ----------------------------------------------------------------------------------
+
+def test_noise_replaces_the_rate_of_labels_by_another_identity():
+    labels = np.repeat(np.arange(7), 9)  # 63 labels
+    noisy, replaced = inject_label_noise(labels, 0.2, seed=4)
+    assert len(replaced) == math.ceil(0.2 * 63) == 13
+    changed = np.flatnonzero(noisy != labels)
+    assert changed.tolist() == replaced.tolist()  # never the true label
+    assert set(noisy) <= set(labels)
+    again, _ = inject_label_noise(labels, 0.2, seed=4)
+    other, _ = inject_label_noise(labels, 0.2, seed=5)
+    assert np.array_equal(noisy, again) and not np.array_equal(noisy, other)
+    clean, none = inject_label_noise(labels, 0.0, seed=4)
+    assert np.array_equal(clean, labels) and len(none) == 0
+
+
+def test_noise_per_modality_keeps_every_identity():
+    labels = {'visible': np.repeat(np.arange(5), 3), 'infrared': np.repeat(np.arange(5), 2)}
+    result = noisy_training_labels(labels, 0.5, seed=0)
+    for name, (noisy, replaced) in result.items():
+        assert len(replaced) == math.ceil(0.5 * len(labels[name]))
+        assert set(noisy) == set(range(5))
+        assert (noisy[replaced] != labels[name][replaced]).all()
+
+
+# -- the division order and the twin network ---------------------------------------------------------
+
+@pytest.mark.parametrize('sizes,batch,pads', [((22258, 11909), 32, (14, 10363)),  # SYSU-MM01
+                                             ((2060, 2060), 32, (20, 20))])        # RegDB
+def test_division_order_pads_as_the_released_sampler(sizes, batch, pads):
+    visible, infrared = division_order(*sizes, batch, np.random.default_rng(0))
+    assert len(visible) == len(infrared) == sizes[0] + pads[0] == sizes[1] + pads[1]
+    assert len(visible) % batch == 0
+    for order, n, pad in ((visible, sizes[0], pads[0]), (infrared, sizes[1], pads[1])):
+        counts = np.bincount(order, minlength=n)
+        assert (counts >= 1).all() and counts.sum() - n == pad
+
+
+def test_twin_networks_eval_feature_is_the_mean_of_both():
+    torch.manual_seed(0)
+    model = TwinNetworks(5, arch='resnet18').eval()
+    assert {k.split('.')[0] for k in model.state_dict()} == {'net1', 'net2'}
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        pool, feat = model(visible=images)
+        first, second = model.net1(visible=images), model.net2(visible=images)
+    assert torch.allclose(feat, (first[1] + second[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(pool, (first[0] + second[0]) / 2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first[1], second[1])  # two independently initialised networks
+    model.train()
+    out = model(visible=images, infrared=images, indices=torch.arange(4))
+    assert isinstance(out, TwinOutput) and out.first.logits.shape == (4, 5)
