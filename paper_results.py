@@ -38,6 +38,10 @@ SOURCES = {
                   '26bc0ce088eb97867ff489dceda386b8092b9fde/ICCV21_CAJ/README.md; SYSU-MM01 '
                   'all-search; RegDB: the README names no direction, its testa.py tests visible '
                   'queries against the thermal gallery by default (vis_to_ir)',
+    'readme-dart': 'released code README, section 4 "Results", DART row (LLCM run by the DEEN '
+                   'authors, their settings for it not published; DART itself publishes no LLCM '
+                   'numbers), '
+                   + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -74,6 +78,10 @@ PUBLISHED = {
     ('caj', 'llcm', 'released_vis_to_ir'): {
         'readme-caj': {'Rank-1': 63.73, 'Rank-10': 87.95, 'Rank-20': 92.41, 'mAP': 47.71}},
     ('caj', 'llcm', 'vis_to_ir'): {'paper-table3': {'Rank-1': 56.5, 'mAP': 59.8}},
+    ('dart', 'llcm', 'ir_to_vis'): {
+        'readme-dart': {'Rank-1': 52.97, 'Rank-10': 80.82, 'Rank-20': 87.05, 'mAP': 59.28}},
+    ('dart', 'llcm', 'released_vis_to_ir'): {
+        'readme-dart': {'Rank-1': 65.33, 'Rank-10': 89.42, 'Rank-20': 93.33, 'mAP': 51.13}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',
