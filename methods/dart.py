@@ -12,9 +12,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 
 from loss import full_precision, pairwise_distance
 from model import AGW, TrainOutput
+from utils import autocast_context
 
 NETWORKS = ('net1', 'net2')
 THRESHOLD = 0.5   # run.py:376 (hard-coded; --p-threshold only feeds the printout)
@@ -275,19 +277,74 @@ def layout_rows(views, sizes, indices):
 
 
 @torch.no_grad()
-def per_sample_losses(network, batches, views, sizes, device):
-    """The identity loss of every training image under `network`, per view: batches yields
-    (visible images, infrared images, labels, rows) with rows = layout_rows(...); a row seen
-    twice keeps its last loss (as released). Runs the network as it is set (the released
-    pass: train mode, BatchNorm on batch statistics, its running statistics moving). Returns
-    the flat loss vector (float64, -1 where no row was seen)."""
-    _, total = view_offsets(views, sizes)
-    losses = torch.full((total,), -1.0, dtype=torch.float64)
-    for visible, infrared, labels, rows in batches:
-        out = network(visible=visible.to(device), infrared=infrared.to(device))
-        loss = F.cross_entropy(out.logits.float(), labels.to(device), reduction='none')
-        losses[rows.cpu()] = loss.double().cpu()
-    return losses
+def per_sample_losses(networks, batches, total, device, amp=None):
+    """The identity loss of every training image under each of `networks`, flat layout
+    (view_offsets, `total` rows): batches yields (batch number, visible images, infrared images,
+    labels, rows) with rows = layout_rows(...); a row seen in several batches keeps the loss of
+    the latest batch number (the released pass: the last write). The networks run as they are
+    set (the released pass: train mode, BatchNorm on batch statistics, running statistics
+    moving). Returns (losses [len(networks), total] float64, -1 where no row was seen;
+    writer [total]: the batch number that wrote each row, -1 for none)."""
+    losses = torch.full((len(networks), total), -1.0, dtype=torch.float64, device=device)
+    writer = torch.full((total,), -1, dtype=torch.long, device=device)
+    for number, visible, infrared, labels, rows in batches:
+        rows, labels = rows.to(device), labels.to(device)
+        for position, network in enumerate(networks):
+            with autocast_context(device, amp or 'off'):
+                out = network(visible=visible.to(device), infrared=infrared.to(device))
+            if number >= 0:
+                losses[position, rows] = F.cross_entropy(out.logits.float(), labels,
+                                                         reduction='none').double()
+        if number >= 0:
+            writer[rows] = number
+    return losses, writer
+
+
+def merge_across_processes(losses, writer):
+    """Each row's loss from the process that wrote it last (the highest batch number), on every
+    process: the division pass split over processes gives what one process computes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return losses
+    latest = writer.clone()
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX)
+    mine = losses * (writer == latest)
+    dist.all_reduce(mine)
+    return mine
+
+
+DIVISION_STREAM = 0xDA27  # the division pass's own random stream, apart from the training's
+
+
+def division_samples(sizes, batch, seed, epoch):
+    """The division pass's batches: [(visible index, infrared index, augmentation seed)] lists
+    of `batch` samples in the generalised AllSampler order (division_order), drawn from a
+    generator seeded by (seed, epoch) alone: the training's random streams are not touched."""
+    rng = np.random.default_rng([seed, epoch, DIVISION_STREAM])
+    visible, infrared = division_order(sizes['visible'], sizes['infrared'], batch, rng)
+    seeds = rng.integers(2 ** 62, size=len(visible))
+    samples = [(int(v), int(i), int(s)) for v, i, s in zip(visible, infrared, seeds)]
+    return [samples[start:start + batch] for start in range(0, len(samples), batch)]
+
+
+def division_batches(dataset, views, sizes, plan, device, rank=0, world_size=1, workers=0):
+    """Yields (batch number, visible images, infrared images, labels, rows) of this process's
+    share of `plan` (division_samples): batches rank, rank + W, ...; every process runs the same
+    number of forwards (a process short of one repeats a batch under number -1, unrecorded), so
+    that SyncBatchNorm processes stay in step. dataset: a CrossModalTrainSet of the views."""
+    from training import stem_batches  # training imports the methods
+    numbers = range(rank, -(-len(plan) // world_size) * world_size, world_size)
+    samples = [sample for number in numbers for sample in plan[number % len(plan)]]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(plan[0]), sampler=samples,
+                                         num_workers=workers, pin_memory=device.type == 'cuda',
+                                         generator=torch.Generator())  # draws nothing global
+    for number, batch in zip(numbers, loader):
+        visible, infrared, labels = stem_batches(views, batch)
+        chosen = plan[number % len(plan)]
+        by_stem = {stem: torch.tensor([s[position] for s in chosen])
+                   for position, stem in enumerate(('visible', 'infrared'))}
+        indices = torch.cat([by_stem[view.stem] for view in row_views(views)])
+        yield (number if number < len(plan) else -1, visible, infrared, labels,
+               layout_rows(views, sizes, indices))
 
 
 def divide(losses, views, sizes, seed):
@@ -301,7 +358,7 @@ def divide(losses, views, sizes, seed):
         if not spans:
             continue
         probabilities = clean_probability([losses[s:s + n] for s, n in spans],
-                                          int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
+                                          mixture_seed(seed, position, 0))
         for (start, count), probability in zip(spans, probabilities):
             clean[start:start + count] = probability
     return clean
@@ -384,3 +441,28 @@ class DARTCriterion(nn.Module):
         """Whether epoch starts with a division: past the warm-up and not already divided (a run
         resumed inside an epoch after its division)."""
         return epoch >= self.warmup_epochs and int(self.divided_epoch) != epoch
+
+    def divide_epoch(self, epoch, twin, dataset, device, batch, seed, amp='off', rank=0,
+                     world_size=1, workers=0):
+        """The division at the start of `epoch` (run.py:478-516): every training image, in
+        batches of `batch` pairs (division_samples), through each network of `twin` in train
+        mode under no_grad, as released (BatchNorm on batch statistics; its running statistics
+        move); each network's losses -> its clean probabilities (divide, the mixtures seeded by
+        (seed, epoch, network)); stored for co-divide. Split over `world_size` processes."""
+        plan = division_samples(self.sizes, batch, seed, epoch)
+        networks = twin.networks()
+        for network in networks:
+            network.train()
+        batches = division_batches(dataset, self.views, self.sizes, plan, device, rank,
+                                   world_size, workers)
+        _, total = view_offsets(self.views, self.sizes)
+        losses, writer = per_sample_losses(networks, batches, total, device, amp)
+        losses = merge_across_processes(losses, writer).cpu()
+        self.assign(epoch, [divide(losses[k], self.views, self.sizes, mixture_seed(seed, epoch, k))
+                            for k in range(len(networks))])
+
+
+def mixture_seed(seed, epoch, network):
+    """The random_state of network `network`'s mixtures at `epoch` (released: numpy's global
+    stream, random_state=None)."""
+    return int(np.random.SeedSequence([seed, epoch, network]).generate_state(1)[0])

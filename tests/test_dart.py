@@ -247,3 +247,29 @@ def test_twin_networks_eval_feature_is_the_mean_of_both():
     model.train()
     out = model(visible=images, infrared=images, indices=torch.arange(4))
     assert isinstance(out, TwinOutput) and out.first.logits.shape == (4, 5)
+
+
+def test_division_pass_covers_every_training_image():
+    from data_loader import CrossModalTrainSet, training_views
+    from methods.dart import division_batches, division_samples, per_sample_losses
+    rng = np.random.default_rng(0)
+    caches = [(rng.integers(0, 255, (n, 64, 32, 3), dtype=np.uint8), np.arange(n) % 3)
+              for n in (7, 5)]
+    views = training_views(64, 32, erasing=(0.02, 0.4), grayscale=0.0, pad=2,
+                           erasing_kind='channel', channel_aug=True)
+    sizes = {'visible': 7, 'infrared': 5}
+    plan = division_samples(sizes, 4, seed=0, epoch=1)
+    assert [len(b) for b in plan] == [4, 4] and plan == division_samples(sizes, 4, seed=0, epoch=1)
+    torch.manual_seed(0)
+    twin = TwinNetworks(3, arch='resnet18')
+    dataset = CrossModalTrainSet(*caches, views)
+    losses, writer = per_sample_losses(twin.networks(), division_batches(
+        dataset, views, sizes, plan, torch.device('cpu')), 7 + 7 + 5, torch.device('cpu'))
+    assert (losses >= 0).all() and (writer >= 0).all()
+    criterion = DARTCriterion(views, seed=0)
+    criterion.set_sizes(sizes)
+    rng_before = torch.get_rng_state()
+    criterion.divide_epoch(1, twin, dataset, torch.device('cpu'), batch=4, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the training's stream untouched
+    assert criterion.clean.shape == (2, 19) and ((0 <= criterion.clean) & (criterion.clean <= 1)).all()
+    assert not criterion.needs_division(1) and criterion.needs_division(2)
