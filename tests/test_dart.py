@@ -273,3 +273,15 @@ def test_division_pass_covers_every_training_image():
     assert torch.equal(torch.get_rng_state(), rng_before)  # the training's stream untouched
     assert criterion.clean.shape == (2, 19) and ((0 <= criterion.clean) & (criterion.clean <= 1)).all()
     assert not criterion.needs_division(1) and criterion.needs_division(2)
+
+
+def test_train_set_gives_each_views_image_index_when_asked():
+    from data_loader import CrossModalTrainSet, training_views
+    rng = np.random.default_rng(0)
+    caches = [(rng.integers(0, 255, (n, 64, 32, 3), dtype=np.uint8), np.arange(n) % 3)
+              for n in (7, 5)]
+    views = training_views(64, 32, erasing=None, grayscale=0.0, pad=2, channel_aug=True)
+    plain = CrossModalTrainSet(*caches, views)[(6, 4, 11)]
+    indexed = CrossModalTrainSet(*caches, views, with_indices=True)[(6, 4, 11)]
+    assert len(plain) == 6 and indexed[-3:] == (6, 6, 4) and indexed[3:6] == (0, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], indexed[:3]))
