@@ -14,9 +14,9 @@ import torch
 
 from data_loader import cache_bytes, cache_problem, image_problem
 from data_manager import dataset_facts
-from inference import CHECKPOINT_FORMAT
-from model import SWITCHES, NetworkSwitches, build_model
-from utils import (UserError, checkpoint_bytes, checkpoint_file_problem, first_sentence, flag,
+from methods import METHODS, build_network, get_method
+from utils import (CHECKPOINT_FORMAT, UserError, checkpoint_bytes, checkpoint_file_problem,
+                   first_sentence, flag,
                    free_bytes, gathered, load_checkpoint, nearest_existing, rng_state,
                    storage_problem)
 
@@ -123,17 +123,24 @@ def check_resume_state(state, path, args, num_classes, epochs=None):
 
 
 def check_resume_network(state, path, args):
-    """A checkpoint to continue has the network this run builds: DEEN's switches equal those it
-    records (none recorded, or a released checkpoint: the released network of --dataset)."""
-    if args.method != 'deen':
-        return
+    """A checkpoint to continue has the network this run builds: the network settings it records
+    (none recorded, or a released checkpoint: the method's default network for --dataset) equal
+    this run's."""
+    method = get_method(args.method)
     recorded = state.get('network') if state.get('format') == CHECKPOINT_FORMAT else None
-    saved, wanted = NetworkSwitches.of(args.dataset, recorded), NetworkSwitches.from_args(args)
-    differ = [f'{flag(name)} {saved.flag_value(name)} (this run: {wanted.flag_value(name)})'
-              for name in SWITCHES if getattr(saved, name) != getattr(wanted, name)]
+    saved = method.recorded_settings(args.dataset, recorded)
+    wanted = method.network_settings(args)
+    differ = [f'{flag(name)} {_flag_value(saved.get(name))} (this run: '
+              f'{_flag_value(value)})' for name, value in (wanted or {}).items()
+              if (saved or {}).get(name) != value]
     if differ:
         raise UserError(f'checkpoint {path} holds another network: it was trained with '
                         f'{", ".join(differ)}; pass the same switches to continue it.')
+
+
+def _flag_value(value):
+    """A recorded network setting as its flag spells it (None: 'none')."""
+    return 'none' if value is None else value
 
 
 def check_images_exist(image_lists, what):
@@ -157,19 +164,20 @@ def check_images_decode(image_lists, what):
                                 f'dataset.')
 
 
-def check_image_size(args, method, num_classes, dataset, switches=None):
+def check_image_size(args, method, num_classes, dataset, settings=None):
     """The network takes --img_h x --img_w images: one image passes through a freshly built
-    (randomly initialised) network of this run (DEEN: with `switches`). Returns that network."""
-    model = build_model(method, num_classes, dataset, pretrained=None, arch=args.arch,
-                        switches=switches).eval()
+    (randomly initialised) network of this run (its recorded network `settings`). Returns that
+    network."""
+    model = build_network(method, num_classes, dataset, pretrained=None, arch=args.arch,
+                          settings=settings).eval()
     check_network_input(model, method, args.img_h, args.img_w)
     return model
 
 
 def check_network_input(model, method, img_h, img_w):
-    """An eval-mode network of `method` takes img_h x img_w images (the values of --img_h /
-    --img_w): one zero image passes through it on its device (the CPU for a network without
-    weights)."""
+    """An eval-mode network of `method` (its name) takes img_h x img_w images (the values of
+    --img_h / --img_w): one zero image passes through it on its device (the CPU for a network
+    without weights)."""
     device = next(model.parameters(), torch.zeros(())).device
     try:
         with torch.inference_mode():
@@ -180,7 +188,13 @@ def check_network_input(model, method, img_h, img_w):
     except RuntimeError as error:
         raise UserError(f'{flag("img_h")} {img_h} x {flag("img_w")} {img_w} does not fit '
                         f'the {method.upper()} network ({first_sentence(error)}); the released '
-                        f'sizes are 384 x 144 (DEEN) and 288 x 144 (AGW).') from None
+                        f'sizes are {released_sizes()}.') from None
+
+
+def released_sizes():
+    """The methods' released input sizes, as a phrase: '384 x 144 (DEEN), 288 x 144 (AGW), ...'."""
+    return ', '.join(f'{m.recipe["img_h"]} x {m.recipe["img_w"]} ({m.title})'
+                     for m in METHODS.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from data_manager import (DATASETS, DEFAULT_DATA_PATHS, DIRECTION_PLANS, OTHER_S
 from eval_metrics import evaluate
 from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_distance,
                        inference_model, load_trained_model, method_fusions)
+from methods import find_fusion
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
@@ -57,13 +58,16 @@ def evaluate_splits(model, layout, splits, args, device, ctx=None, fusions=FUSIO
     return evaluate_store(store, layout, splits, fusions), store
 
 
-def selection_rank1(model, layout, data_path, trial, mode, args, device, ctx=None):
-    """The model-selection metric of METHOD.md: fused Rank-1 of IR->VIS (SYSU-MM01, LLCM) or
-    VIS->IR (RegDB) on the first gallery trial (RegDB: the run's own split)."""
+def selection_rank1(model, layout, data_path, trial, mode, args, device, ctx=None,
+                    fusion='pool+feat'):
+    """The model-selection metric of METHOD.md: Rank-1 of IR->VIS (SYSU-MM01, LLCM) or VIS->IR
+    (RegDB) on the first gallery trial (RegDB: the run's own split), under the method's headline
+    fusion (the name of args.method's fusion; DEEN: pool+feat)."""
     direction, query, gallery = selection_split(layout, data_path, trial, mode)
+    fusions = {fusion: find_fusion(fusion, getattr(args, 'method', 'deen'))}
     results, _ = evaluate_splits(model, layout, [(direction, 0, query, gallery)], args, device,
-                                 ctx, fusions={'pool+feat': FUSIONS['pool+feat']})
-    cmc, mean_ap, minp = results[direction]['pool+feat'][0]
+                                 ctx, fusions=fusions)
+    cmc, mean_ap, minp = results[direction][fusion][0]
     return {'direction': direction, 'rank1': float(cmc[0]), 'mAP': float(mean_ap), 'mINP': float(minp)}
 
 
@@ -317,13 +321,18 @@ def results_record(args, summaries, counts, models, made):
     trials = sorted({t for model in models for t in model['trials']})
     protocol = {'trials': trials, 'multi_shot': bool(args.multi_shot), 'img_h': args.img_h,
                 'img_w': args.img_w,
-                'fusions': {name: list(w) for model in models
+                'fusions': {name: fusion_record(w) for model in models
                             for name, w in method_fusions(model['method']).items()},
                 'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot)
                              for name in summaries}}
     return {'format': RESULTS_FORMAT, 'dataset': args.dataset, 'data_path': args.data_path,
             'checkpoint': args.resume, 'protocol': protocol, 'results': summaries,
             'counts': counts, 'models': models, 'provenance': made}
+
+
+def fusion_record(fusion):
+    """A fusion as the results file records it: its weights, or a callable's description."""
+    return getattr(fusion, '__doc__', None) or repr(fusion) if callable(fusion) else list(fusion)
 
 
 def results_path(args):

@@ -13,33 +13,36 @@ from tqdm import tqdm
 
 from data_loader import TestImageSet
 from data_manager import DATASETS
-from model import (NetworkSwitches, build_model, converted_state_dict, load_model_weights,
-                   method_of_state_dict)
-from utils import (DistContext, UserError, autocast_context, load_checkpoint,
+from checks import check_network_input
+from methods import build_network, find_fusion, get_method, method_of_weights
+from methods.base import POOL_FEAT_FUSIONS, SINGLE_FEATURE_FUSIONS
+from model import converted_state_dict, load_model_weights
+from utils import (CHECKPOINT_FORMAT, DistContext, UserError, autocast_context, load_checkpoint,
                    written_atomically)
 
-CHECKPOINT_FORMAT = 'deen-vireid'
 FEATURES_FORMAT = 'deen-vireid-features'
 
-# Weights of (pooled, BNNeck) embeddings in the similarity (METHOD.md "Test-time features").
-FUSIONS = {'pool+feat': (1.0, 1.0), '0.1pool+0.9feat': (0.1, 0.9)}
-# CAJ reports its pooled and its BNNeck features alone as well.
-SINGLE_FEATURES = {'pool': (1.0, 0.0), 'feat': (0.0, 1.0)}
+# Weights of (pooled, BNNeck) embeddings in the similarity (METHOD.md "Test-time features"), and
+# one of them alone (CAJ's columns); the tools' --fusion choices are every method's fusion names.
+FUSIONS = POOL_FEAT_FUSIONS
+SINGLE_FEATURES = SINGLE_FEATURE_FUSIONS
 ALL_FUSIONS = {**FUSIONS, **SINGLE_FEATURES}
-METHOD_IMAGE_SIZE = {'deen': (384, 144), 'agw': (288, 144), 'caj': (288, 144)}
 
 
-def fusion_weights(name):
-    """(w_pool, w_feat) of a FUSIONS or SINGLE_FEATURES name."""
+def fusion_weights(name, method=None):
+    """The fusion `name` of a method (a Method or its name; its weights or callable:
+    fused_distance takes either). Without a method (a network of none this code registers): a
+    FUSIONS or SINGLE_FEATURES name, over (pooled, BNNeck) features."""
+    if method is not None:
+        return find_fusion(name, method)
     if name not in ALL_FUSIONS:
         raise UserError(f'fusion must be one of {", ".join(ALL_FUSIONS)}, got {name!r}.')
     return ALL_FUSIONS[name]
 
 
 def method_fusions(method):
-    """{name: (w_pool, w_feat)} of the fusions test.py reports for a method's checkpoints:
-    FUSIONS, and for CAJ also SINGLE_FEATURES."""
-    return dict(ALL_FUSIONS if method == 'caj' else FUSIONS)
+    """{name: fusion} of the fusions test.py reports for a method's checkpoints."""
+    return dict(get_method(method).fusions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,15 +83,14 @@ def load_trained_model(path, dataset=None, device='cpu'):
         weights = state['model']
     else:
         weights = released_weights(state, path)
-        method = method_of_state_dict(weights)
-        height, width = METHOD_IMAGE_SIZE[method]
+        method = released_method(weights)
+        height, width = get_method(method).released_image_size
         info = {'method': method, 'arch': 'resnet50', 'img_h': height, 'img_w': width,
                 'num_classes': int(weights['classifier.weight'].shape[0]),
                 'epoch': state.get('epoch'), 'dataset': trained_on, 'provenance': None,
                 'seed': None, 'network': None}
-    switches = NetworkSwitches.of(dataset, info['network']) if info['method'] == 'deen' else None
-    model = build_model(info['method'], info['num_classes'], dataset, pretrained=None,
-                        arch=info['arch'], switches=switches)
+    model = build_network(info['method'], info['num_classes'], dataset, pretrained=None,
+                          arch=info['arch'], settings=info['network'])
     try:
         load_model_weights(model, weights)
     except UserError as error:
@@ -103,6 +105,15 @@ def inference_model(model, args):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
+
+
+def released_method(weights):
+    """The method of a released checkpoint's state dict, told from its keys."""
+    method = method_of_weights(converted_state_dict(weights))
+    if method is None:
+        raise UserError('the weights are of no method this code knows (neither DEEN\'s mfa/dee '
+                        'keys nor AGW\'s non-local keys).')
+    return method
 
 
 def released_weights(state, path):
@@ -289,7 +300,10 @@ def fused_distance(query_features, gallery_features, weights):
     """Negative fused similarity [Q, G] of features [Q, 2, k, D] and [G, 2, k, D]: the sum over
     branches of w_pool * <pool> + w_feat * <feat>; weights is a FUSIONS value. A SINGLE_FEATURES
     value (one weight 0) compares that feature alone as CAJ's test does: the flip-summed
-    feature re-normalised, so the similarity is a cosine."""
+    feature re-normalised, so the similarity is a cosine. A callable (a method's own fusion)
+    computes the distance itself."""
+    if callable(weights):
+        return weights(query_features, gallery_features)
     scale = query_features.new_tensor(weights).view(1, 2, 1, 1)
     query, gallery = (query_features * scale).flatten(1), gallery_features.flatten(1)
     if 0.0 in weights:
@@ -345,7 +359,6 @@ class ReIDModel:
 
     def __init__(self, model, info, device, img_h=None, img_w=None, batch_size=64, workers=0,
                  amp='off', channels_last=False, compile=False):
-        from checks import check_network_input  # checks.py imports this module
         self.model, self.info, self.device = model, info, torch.device(device)
         self.settings = SimpleNamespace(img_h=img_h or info['img_h'], img_w=img_w or info['img_w'],
                                         test_batch=batch_size, workers=workers, amp=amp,
@@ -373,11 +386,12 @@ class ReIDModel:
                             progress=progress, unreadable=unreadable)[0]
 
 
-def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None):
+def rank_gallery(query_features, gallery_features, fusion='pool+feat', topk=None, method=None):
     """(order, distances), each [Q, k]: for every query the gallery rows nearest first (ties in
-    gallery order) and their fused distances under a FUSIONS or SINGLE_FEATURES name; k = topk,
+    gallery order) and their fused distances under the fusion `fusion` of `method` (the
+    checkpoint's, ReIDModel.info['method']; None: a FUSIONS or SINGLE_FEATURES name); k = topk,
     or all rows."""
     distances = fused_distance(query_features, gallery_features.to(query_features.device),
-                               fusion_weights(fusion))
+                               fusion_weights(fusion, method))
     distances, order = distances.sort(dim=1, stable=True)
     return order[:, :topk], distances[:, :topk]

@@ -654,17 +654,6 @@ def converted_state_dict(state_dict):
     return convert_released_state_dict(state_dict) if is_released_format(state_dict) else state_dict
 
 
-def method_of_state_dict(state_dict):
-    """'deen' or 'agw', told from the keys of a state dict, ours or released: DEEN has MFA and
-    DEE modules, AGW non-local blocks."""
-    keys = converted_state_dict(state_dict)
-    if any(key.startswith(('mfa1.', 'dee.')) for key in keys):
-        return 'deen'
-    if any(key.startswith(('layer2_non_local.', 'layer3_non_local.')) for key in keys):
-        return 'agw'
-    raise UserError('the weights are neither DEEN (no mfa/dee keys) nor AGW (no non-local keys).')
-
-
 def load_model_weights(model, state_dict):
     """Load trained weights, ours or released (detected from the keys, 'module.' prefix tolerated),
     strictly: every key must exist with the same shape (only BatchNorm's num_batches_tracked, which

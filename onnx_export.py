@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from data_loader import IMAGENET_MEAN, IMAGENET_STD, TestImageSet
-from inference import FUSIONS, embed_batch
+from inference import embed_batch
+from methods import get_method
 from utils import UserError, written_atomically
 
 OPSET = 18
@@ -80,18 +81,30 @@ def export_onnx(model, info, modalities, path, fp16=False, opset=OPSET):
 
 def graph_metadata(info, modalities, fp16):
     """Strings stored in the ONNX file: what a user needs to feed it and read its output."""
+    method = get_method(info['method'])
     return {
         'method': info['method'], 'arch': info['arch'], 'modalities': ','.join(modalities),
         'input_layout': f'float32 [batch, 3, {info["img_h"]}, {info["img_w"]}] RGB, NCHW',
         'input_normalisation': f'resize to {info["img_w"]}x{info["img_h"]} (Lanczos), scale to '
                                f'[0, 1], subtract mean {IMAGENET_MEAN}, divide by std '
                                f'{IMAGENET_STD}',
-        'output_layout': 'float32 [batch, 2 (pooled, BNNeck), branches, D]: per branch the sum of '
-                         'the L2-normalised embeddings of the image and its horizontal flip',
-        'fusions': '; '.join(f'{name}: distance = -sum({w_pool} * pooled.pooled\' + {w_feat} * '
-                             f'BNNeck.BNNeck\')' for name, (w_pool, w_feat) in FUSIONS.items()),
+        'output_layout': f'float32 [batch, 2 ({", ".join(method.feature_kinds)}), branches, D]: '
+                         f'per branch the sum of the L2-normalised embeddings of the image and '
+                         f'its horizontal flip',
+        'fusions': '; '.join(describe_fusion(name, fusion, method.feature_kinds)
+                             for name, fusion in method.fusions.items()),
         'precision': 'float16 inside, float32 inputs and outputs' if fp16 else 'float32',
     }
+
+
+def describe_fusion(name, fusion, kinds):
+    """A fusion in words: the weighted dot products of the two feature kinds, or a method's own
+    fusion's docstring."""
+    if callable(fusion):
+        return f'{name}: {" ".join((fusion.__doc__ or repr(fusion)).split())}'
+    first, second = kinds
+    return (f'{name}: distance = -sum({fusion[0]} * {first}.{first}\' + {fusion[1]} * '
+            f'{second}.{second}\')')
 
 
 def onnx_session(path, threads=None):

@@ -16,7 +16,7 @@ import figures
 import training
 from data_manager import DATASETS, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
-from inference import ALL_FUSIONS, FUSIONS, SINGLE_FEATURES
+from methods import METHODS, fusion_names, get_method
 from paper_results import (ABLATION_SETTINGS, ABLATION_TABLE_DATASETS, ABLATION_TABLES,
                            SWEEP_CHOICES, ablation_markdown, ablation_numbers, ablation_published,
                            compare, comparison_markdown, write_comparison)
@@ -53,8 +53,9 @@ def build_parser():
                        help='the row to reproduce: a method\'s released recipe (deen, agw, caj), '
                        'or agw-plain, AGW without random erasing (the DEEN paper\'s AGW; agw is '
                        'its AGW*)')
-    table.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
-                       help='the fusion compared with the published numbers (pool, feat: the '
+    table.add_argument('--fusion', choices=fusion_names(),
+                       help='the fusion compared with the published numbers, one the method '
+                       'reports (default: its headline, DEEN\'s pool+feat; pool, feat: the '
                        'pooled or BNNeck feature alone, which test.py reports for CAJ)')
     runs = parser.add_argument_group('runs')
     runs.add_argument('--seeds', type=int, nargs='+', default=[0],
@@ -98,9 +99,14 @@ def check_args(args, train_flags):
         if len(set(args.trials)) != len(args.trials) or not set(args.trials) <= set(splits):
             raise UserError(f'--trials must be distinct RegDB splits {splits.start}..'
                             f'{splits.stop - 1}, got {" ".join(map(str, args.trials))}.')
-    if args.fusion in SINGLE_FEATURES and args.method != 'caj':
-        raise UserError(f'--fusion {args.fusion} is reported for CAJ only; use --method caj or '
-                        f'--fusion {" or ".join(FUSIONS)}.')
+    method = get_method(training.RECIPES[args.method][0])
+    args.fusion = args.fusion or method.headline
+    if args.fusion not in method.fusions:
+        owners = [m for m in METHODS.values() if args.fusion in m.fusions]
+        raise UserError(f'--fusion {args.fusion} is reported for '
+                        f'{" and ".join(m.title for m in owners)} only; use --method '
+                        f'{" or ".join(m.name for m in owners)} or --fusion '
+                        f'{" or ".join(method.fusions)}.')
     if args.table == 'main' and not args.sweep and args.dataset is None:
         raise UserError('reproduce.py needs --dataset (or --table / --sweep).')
     if args.dataset == 'all' and any(f.split('=', 1)[0] in ('--data-path', '--cache-dir')

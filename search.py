@@ -8,8 +8,9 @@ import figures
 from checks import check_device_flags, check_integer, check_output_folder, check_runtime_flags
 from data_manager import MODALITIES
 from gallery_index import DEFAULT_INDEX_FOLDER, update_index
-from inference import (ALL_FUSIONS, IMAGE_EXTENSIONS, ReIDModel,
-                       add_checkpoint_args, image_files, image_paths, rank_gallery)
+from inference import (IMAGE_EXTENSIONS, ReIDModel, add_checkpoint_args, fusion_weights,
+                       image_files, image_paths, rank_gallery)
+from methods import METHODS, fusion_names
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
 
@@ -36,9 +37,10 @@ def build_parser():
     images.add_argument('--index-dir', help=f'where the gallery\'s features are cached (default: '
                         f'<gallery>/{DEFAULT_INDEX_FOLDER})')
     ranking = parser.add_argument_group('ranking and output')
-    ranking.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
-                         help='the fused distance of test.py to rank by (pool, feat: one feature '
-                         'alone, re-normalised, as CAJ tests)')
+    ranking.add_argument('--fusion', choices=fusion_names(),
+                         help='the fused distance of test.py to rank by, one the checkpoint\'s '
+                         'method reports (default: its headline fusion, DEEN\'s pool+feat; pool, '
+                         'feat: one feature alone, re-normalised, as CAJ tests)')
     ranking.add_argument('--topk', type=int, default=10, help='gallery images shown per query')
     ranking.add_argument('--out', default='search_results', metavar='DIR',
                          help='folder for search.json and search.png')
@@ -84,6 +86,9 @@ def main(argv=None):
     model = ReIDModel.load(args.resume, args.dataset, device, img_h=args.img_h,
                            img_w=args.img_w, batch_size=args.test_batch, workers=args.workers,
                            amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+    method = METHODS.get(model.info['method'])  # None: a network of no registered method
+    args.fusion = args.fusion or (method.headline if method else 'pool+feat')
+    fusion_weights(args.fusion, method)  # a fusion the method lacks: refused before extraction
 
     index = update_index(model, args.resume, args.gallery, gallery, args.gallery_modality,
                          args.index_dir, progress=True)
@@ -105,7 +110,8 @@ def main(argv=None):
     if not queries:
         raise UserError('no --query image could be read.')
 
-    order, distances = rank_gallery(query_features, index.features, args.fusion, args.topk)
+    order, distances = rank_gallery(query_features, index.features, args.fusion, args.topk,
+                                    method)
     results = [{'query': query, 'matches': [
         {'rank': rank + 1, 'path': index.paths[row], 'distance': float(distance)}
         for rank, (row, distance) in enumerate(zip(rows.tolist(), dists.tolist()))]}

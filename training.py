@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -19,11 +18,10 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache, training_views
+from data_loader import CrossModalTrainSet, load_or_build_cache
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
-from loss import build_criterion
-from model import (ATTENTIONS, BACKBONES, DEE_STAGES, SWITCHES, NetworkSwitches, build_model,
-                   load_model_weights, uses_pretrained)
+from methods import METHODS, agw, build_network, get_method
+from model import BACKBONES, load_model_weights, uses_pretrained
 from evaluation import selection_rank1, selection_split
 from inference import CHECKPOINT_FORMAT, inference_model
 from provenance import run_provenance
@@ -37,36 +35,30 @@ from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_ru
 # dataset's overrides.
 RUN_DEFAULTS = dict(arch='resnet50', optim='sgd', eval_every=1, pretrained='imagenet',
                     channel_aug=False, erasing_kind='zero')
-METHOD_DEFAULTS = {
-    'deen': dict(lr=0.1, batch_size=6, num_pos=4, img_h=384, img_w=144, epochs=151,
-                 lr_steps=(20, 80), warmup=10, grayscale=0.5, erasing=(0.02, 0.4), pad=10),
-    'agw': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=81,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
-                adp_alpha=1.0, adp_gamma=1.0, adp_square=0),
-    # CAJ's released train_ext.py and README command: AGW's network, three views (channel
-    # erasing on each, channel exchange, infrared adaptive gray), the ADP triplet squared.
-    'caj': dict(lr=0.1, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=100,
-                lr_steps=(20, 50), warmup=10, grayscale=0.0, erasing=(0.02, 0.4), pad=10,
-                erasing_kind='channel', channel_aug=True, adp_alpha=1.0, adp_gamma=1.0,
-                adp_square=1),
-}
+# The demo: a small configuration that learns from scratch on 2 CPU cores in about three minutes,
+# for every method (a method's dataset_recipes['demo'] goes on top). Measured on the demo data
+# (notes in README): a ResNet-50 manages ~150 steps in that time and stays near chance; random
+# grayscale and erasing slow from-scratch learning down.
+DEMO_RECIPE = dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos=4, img_h=64,
+                   img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0, erasing=None, pad=2,
+                   eval_every=3, pretrained='none', workers=0, test_batch=128)
 # Named recipes, the rows of the LLCM benchmark (DEEN paper, Table 3) that reproduce.py runs:
-# name -> (method, train.py flags on top of its recipe). 'agw' is the released AGW recipe, the
-# paper's AGW* (random erasing); 'agw-plain' is the paper's AGW, without random erasing.
-RECIPES = {'deen': ('deen', []), 'agw': ('agw', []), 'agw-plain': ('agw', ['--no-random-erasing']),
-           'caj': ('caj', [])}
-ADP_FLAGS = ('adp_alpha', 'adp_gamma', 'adp_square')
-DATASET_OVERRIDES = {
-    'sysu': {'deen': dict(erasing=(0.2, 0.8))},
-    # The demo: a small configuration that learns from scratch on 2 CPU cores in about three
-    # minutes. Measured on the demo data (notes in README): a ResNet-50 manages ~150 steps in that
-    # time and stays near chance; random grayscale and erasing slow from-scratch learning down.
-    'demo': {method: dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos=4,
-                          img_h=64, img_w=32, epochs=22, lr_steps=(18,), warmup=0, grayscale=0.0,
-                          erasing=None, pad=2, eval_every=3, pretrained='none', workers=0,
-                          test_batch=128)
-             for method in METHOD_DEFAULTS},
-}
+# name -> (method, train.py flags on top of its recipe): every method's released recipe, and the
+# variants a method names (AGW's 'agw-plain': the paper's AGW, without random erasing; 'agw' is
+# the released recipe, the paper's AGW*).
+RECIPES = {**{name: (name, []) for name in METHODS},
+           **{variant: (method.name, list(flags)) for method in METHODS.values()
+              for variant, flags in method.named_recipes.items()}}
+
+
+def method_recipe(method, dataset):
+    """train.py's defaults for a method on a dataset: RUN_DEFAULTS, the method's recipe, then the
+    dataset's overrides (the demo's for every method, then the method's own for the dataset)."""
+    recipe = {**RUN_DEFAULTS, **method.recipe}
+    if dataset == 'demo':
+        recipe.update(DEMO_RECIPE)
+    recipe.update(method.dataset_recipes.get(dataset, {}))
+    return recipe
 
 
 # The flags an epoch's batch plan depends on (IdentitySampler.state_dict keys), besides the epoch
@@ -108,32 +100,15 @@ def build_parser():
     data.add_argument('--img_w', type=int, help='input width (default: per method, 144)')
 
     model = parser.add_argument_group('model and losses')
-    model.add_argument('--method', default='deen', choices=tuple(METHOD_DEFAULTS),
-                       help='network, losses and released recipe')
+    model.add_argument('--method', default='deen', choices=tuple(METHODS),
+                       help='network, losses and released recipe (docs/methods.md)')
     model.add_argument('--arch', choices=BACKBONES, help='trunk (default: resnet50, as in the '
                        'paper)')
     model.add_argument('--pretrained', help='imagenet (default), none, or a local torchvision '
                        'state-dict file of the --arch trunk')
-    model.add_argument('--lambda_1', type=float, help='weight of the CPM loss (default: 0.8)')
-    model.add_argument('--lambda_2', type=float, help='weight of the orthogonal loss (default: '
-                       '0.01, as the released code; the paper states 0.1)')
     model.add_argument('--margin', type=float, default=0.3, help='triplet margin')
-    model.add_argument('--cpm-margin', type=float, default=0.2, help='CPM margin alpha')
-    model.add_argument('--dee-stage', type=dee_stage_value, help='where DEE sits: 0 (after the '
-                       'modality stem), 1..4 (after ResNet stage k), or none (one embedding per '
-                       'image, no L_cpm / L_ort) (default: 3, RegDB 2, as released)')
-    model.add_argument('--dee-embeddings', type=int, help='embeddings DEE generates (default: 2)')
-    model.add_argument('--attention', choices=ATTENTIONS, help='block after ResNet stages 1-3 '
-                       '(RegDB 1-2): mfa, nonlocal (a standard non-local block) or none '
-                       '(default: mfa)')
-    model.add_argument('--nonlocal-reduction', type=int, help='--attention nonlocal: its blocks '
-                       'have C / this inter-channels (default: 2, the standard non-local block)')
-    model.add_argument('--adp-alpha', type=float, help="ADP triplet's softmax temperature (agw, "
-                       'caj; default: 1)')
-    model.add_argument('--adp-gamma', type=float, help="ADP triplet's scale (agw, caj; default: 1)")
-    model.add_argument('--adp-square', type=int, choices=(0, 1),
-                       help='ADP triplet squared and clamped at 88 (caj default: 1) or soft margin '
-                       "(0: AGW's weighted regularised triplet)")
+    for method in METHODS.values():  # each method's own flags
+        method.add_arguments(model)
     model.add_argument('--sync-bn', action='store_true',
                        help='SyncBatchNorm across processes (CUDA GPUs only)')
 
@@ -186,16 +161,13 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
-    recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
-    recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
-    given = [name for name in ADP_FLAGS if getattr(args, name, None) is not None]
-    if given and args.method == 'deen':
-        raise UserError(f'{flag(given[0])} sets the ADP triplet of {flag("method")} agw and caj; '
-                        f'deen trains with the batch-hard triplet ({flag("margin")}).')
+    method = get_method(args.method)
+    refuse_foreign_flags(args, method)
+    recipe = method_recipe(method, args.dataset)
     if args.random_erasing is False:
         recipe['erasing'] = None
     elif args.random_erasing and not recipe['erasing']:  # turned on where the recipe has none
-        recipe['erasing'] = METHOD_DEFAULTS[args.method]['erasing']
+        recipe['erasing'] = method.recipe.get('erasing') or DEFAULT_ERASING
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -203,8 +175,20 @@ def resolve_defaults(args):
     args.cache_dir = args.cache_dir or args.data_path
     fill_runtime_defaults(args)
     check_training_flags(args)
-    resolve_network(args)
+    method.resolve(args)
     return args
+
+
+DEFAULT_ERASING = (0.02, 0.4)  # --random-erasing where a recipe has none: the released area range
+
+
+def refuse_foreign_flags(args, method):
+    """One sentence for a flag given that only other methods take (its owner's wording)."""
+    for other in METHODS.values():
+        given = [dest for dest in other.own_flags
+                 if dest not in method.own_flags and getattr(args, dest, None) is not None]
+        if given:
+            raise UserError(other.foreign_flags_message(given, method))
 
 
 def check_training_flags(args):
@@ -219,80 +203,12 @@ def check_training_flags(args):
         check_integer(step, 'lr_steps', 0)
     check_real(args.lr, 'lr', positive=True)
     for dest in ('lambda_1', 'lambda_2', 'margin', 'cpm_margin'):
-        if getattr(args, dest) is not None:  # the lambdas are filled by resolve_network
+        if getattr(args, dest) is not None:  # the lambdas are filled by the method (resolve)
             check_real(getattr(args, dest), dest)
     for dest in ('adp_alpha', 'adp_gamma'):
         if getattr(args, dest, None) is not None:
             check_real(getattr(args, dest), dest, positive=True)
     check_runtime_flags(args)
-
-
-# loss weight -> (its default, the generated embeddings its term needs)
-LOSS_WEIGHTS = {'lambda_1': (0.8, 1), 'lambda_2': (0.01, 2)}
-
-
-def dee_stage_value(text):
-    """--dee-stage's value: 0..4 or 'none'."""
-    if text.lower() == 'none':
-        return 'none'
-    if text.isdigit() and int(text) in DEE_STAGES:
-        return int(text)
-    raise argparse.ArgumentTypeError(f'expected 0..4 or none, got {text!r}')
-
-
-def resolve_network(args):
-    """Fill DEEN's switches (unset: the released network of the dataset) and the loss weights:
-    a term whose embeddings the network lacks (L_cpm without DEE, L_ort with fewer than two
-    generated) is off, and an explicit non-zero weight for it is refused. AGW takes none of the
-    switches."""
-    if args.method != 'deen':
-        given = [flag(dest) for dest in SWITCHES if getattr(args, dest) is not None]
-        if given:
-            raise UserError(f'{", ".join(given)} switch(es) DEEN\'s parts; use them with '
-                            f'{flag("method")} deen, not {args.method}.')
-        for dest, (default, _) in LOSS_WEIGHTS.items():
-            setattr(args, dest, default if getattr(args, dest) is None else getattr(args, dest))
-        return
-    if args.dee_stage == 'none' and args.dee_embeddings is not None:
-        raise UserError(f'{flag("dee_embeddings")} sets how many embeddings DEE generates, but '
-                        f'{flag("dee_stage")} none turns DEE off; pass one of them.')
-    released = asdict(NetworkSwitches.released(args.dataset == 'regdb'))
-    for dest in SWITCHES:
-        if getattr(args, dest) is None:
-            setattr(args, dest, released[dest])
-    switches = network_switches(args)
-    switches.check(args.dataset == 'regdb')
-    generated = switches.num_branches - 1
-    for dest, (default, needed) in LOSS_WEIGHTS.items():
-        value = getattr(args, dest)
-        if generated >= needed:
-            setattr(args, dest, default if value is None else value)
-        elif value:
-            raise UserError(f'{flag(dest)} {value} weighs a loss term this network cannot have: it '
-                            f'needs {needed} generated embedding(s), and {switches.describe()} '
-                            f'gives {generated}; pass {flag(dest)} 0 or change '
-                            f'{flag("dee_stage")} / {flag("dee_embeddings")}.')
-        else:
-            setattr(args, dest, 0.0)
-
-
-def network_switches(args):
-    """DEEN's NetworkSwitches of resolved arguments (None for AGW)."""
-    return NetworkSwitches.from_args(args) if args.method == 'deen' else None
-
-
-def describe_network(args):
-    """One log line: the network's parts and the loss terms that are off."""
-    switches = network_switches(args)
-    if switches is None:
-        return f'{args.method.upper()} network'
-    off = [name for name, dest in (('L_cpm', 'lambda_1'), ('L_ort', 'lambda_2'))
-           if LOSS_WEIGHTS[dest][1] > switches.num_branches - 1]
-    line = f'DEEN network: {switches.describe()}, {switches.num_branches} embedding(s) per image'
-    if off:
-        line += (f'; {" and ".join(off)} off ({switches.num_branches - 1} generated '
-                 f'embedding(s): L_cpm needs one, L_ort two)')
-    return line
 
 
 def learning_rate(base_lr, epoch, warmup, steps):
@@ -361,9 +277,10 @@ class Trainer:
         self.num_classes = num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
-        model = build_model(args.method, num_classes, args.dataset, pretrained=args.pretrained,
-                            arch=args.arch, switches=network_switches(args))
-        self.log.info(f'{self.name}: {describe_network(args)}')
+        method = get_method(args.method)
+        model = build_network(method, num_classes, args.dataset, pretrained=args.pretrained,
+                              arch=args.arch, settings=method.network_settings(args))
+        self.log.info(f'{self.name}: {method.describe_network(args)}')
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -371,11 +288,8 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
-        self.views = training_views(args.img_h, args.img_w, args.erasing, args.grayscale, args.pad,
-                                    args.erasing_kind, args.channel_aug)
-        self.criterion = build_criterion(args.method, margin=args.margin, lambda_1=args.lambda_1,
-                                         lambda_2=args.lambda_2, cpm_margin=args.cpm_margin,
-                                         views=len(self.views), **adp_settings(args))
+        self.views = method.training_views(args)
+        self.criterion = build_criterion(args, self.views)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -535,7 +449,7 @@ class Trainer:
             'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
             'epoch_progress': progress, 'evaluation_pending': pending,
             'metrics': metrics or {}, 'args': plain_args(self.args),
-            'network': recorded_switches(self.args),
+            'network': get_method(self.args.method).network_settings(self.args),
             'provenance': self.provenance,
         }
 
@@ -693,7 +607,8 @@ class Trainer:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
         metrics = selection_rank1(self.eval_model, self.layout, args.data_path, trial=int(self.trial),
-                                  mode=args.mode, args=args, device=self.device, ctx=self.ctx)
+                                  mode=args.mode, args=args, device=self.device, ctx=self.ctx,
+                                  fusion=get_method(args.method).headline)
         metrics['seconds'] = time.time() - start
         return metrics
 
@@ -720,19 +635,14 @@ class Trainer:
             self.writer.flush()
 
 
-def recorded_switches(args):
-    """What a checkpoint records of the network's switches (NetworkSwitches as a dict; None for
-    AGW): load_trained_model rebuilds the network from it."""
-    switches = network_switches(args)
-    return None if switches is None else asdict(switches)
+def build_criterion(args, views):
+    """The criterion of args.method for a sample of `views` (Method.build_criterion)."""
+    return get_method(args.method).build_criterion(args, views)
 
 
 def adp_settings(args):
-    """The ADP triplet's build_criterion arguments from the flags (unset for deen)."""
-    if args.method == 'deen':
-        return {}
-    return {'adp_alpha': args.adp_alpha, 'adp_gamma': args.adp_gamma,
-            'adp_square': bool(args.adp_square)}
+    """The ADP triplet's loss.build_criterion arguments from the flags (AGW and CAJ)."""
+    return agw.adp_settings(args)
 
 
 def stem_batches(views, batch):
@@ -873,7 +783,7 @@ def check_run(args, ctx):
         if args.eval_every:
             check_evaluation_data(layout, args.data_path, trial, args.mode)
         network = network or check_image_size(args, args.method, num_classes, args.dataset,
-                                              switches=network_switches(args))
+                                              get_method(args.method).network_settings(args))
         best, last = checkpoint_paths(args, trial)
         path = resume_path(args, last, ctx) if args.resume else None
         if path:  # "auto" continues a finished run as it is: a restart after its end trains nothing

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 __version__ = '1.0.0'
+CHECKPOINT_FORMAT = 'deen-vireid'  # the 'format' of every checkpoint train.py writes
 
 
 class UserError(Exception):

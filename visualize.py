@@ -13,8 +13,9 @@ from checks import (check_data_folder, check_device_flags, check_images_exist, c
                     check_network_input, check_output_folder, check_runtime_flags,
                     check_torch_file)
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, ImageList, dataset_facts, layout_of
+from methods import fusion_names, get_method
 from evaluation import evaluate_store, parse_trials, protocol_splits, resolve_dataset, search_modes
-from inference import (ALL_FUSIONS, FeatureStore, extract_features, fusion_weights,
+from inference import (FeatureStore, extract_features, fusion_weights,
                        inference_model, load_trained_model)
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    manual_parser, resolve_device, run_main, written_atomically)
@@ -47,9 +48,11 @@ def build_parser():
     data.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default: '
                       'all), or the checkpoint\'s RegDB split N (default: 1); rank lists use the '
                       'first')
-    data.add_argument('--fusion', default='pool+feat', choices=tuple(ALL_FUSIONS),
-                      help='the fused distance of the rank lists, distances and CMC; pool or '
-                      'feat: that feature alone, re-normalised (CAJ\'s own columns)')
+    data.add_argument('--fusion', choices=fusion_names(),
+                      help='the fused distance of the rank lists, distances and CMC, one the '
+                      'checkpoint\'s method reports (default: its headline fusion, DEEN\'s '
+                      'pool+feat); pool or feat: that feature alone, re-normalised (CAJ\'s own '
+                      'columns)')
     plots = parser.add_argument_group('figures')
     plots.add_argument('--ids', type=int, nargs='+', help='t-SNE: these test identities '
                        '(default: --num-ids chosen at random)')
@@ -129,6 +132,7 @@ class TestSet:
             if args.dataset is None:
                 raise UserError(f'{args.features} does not say which dataset it holds; pass --dataset.')
             args.data_path = args.data_path or meta.get('data_path')
+            self.method = meta.get('method', 'deen')
         else:
             check_torch_file(args.resume, 'resume')
             note = resolve_dataset(args)
@@ -147,6 +151,9 @@ class TestSet:
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
             check_network_input(model, info['method'], args.img_h, args.img_w)
             self.model = inference_model(model, args)
+            self.method = info['method']
+        args.fusion = args.fusion or get_method(self.method).headline
+        self.fusion = fusion_weights(args.fusion, self.method)  # a name of the method's fusions
 
     def _trials(self, trial):
         if self.layout != 'regdb':
@@ -241,7 +248,7 @@ def plot_tsne(args, test_set, ids):
 
 
 def plot_distances(args, test_set):
-    numbers = figures.pair_distance_statistics(test_set.own_store, fusion_weights(args.fusion))
+    numbers = figures.pair_distance_statistics(test_set.own_store, test_set.fusion)
     numbers['fusion'] = args.fusion
     written = write(args.out, 'distances', numbers, figures.draw_distances)
     overlap = ', '.join(f'{group} {figures.percent(value)}'
@@ -264,7 +271,7 @@ def plot_rank_lists(args, test_set, chosen_queries):
         numbers = {'setting': name, 'trial': test_set.trials[0], 'fusion': args.fusion,
                    'matching': test_set.matching, 'gallery_size': len(gallery), 'topk': args.topk,
                    'rows': figures.rank_list_numbers(test_set.store, query, gallery,
-                                                     test_set.matching, fusion_weights(args.fusion),
+                                                     test_set.matching, test_set.fusion,
                                                      rows, args.topk)}
         title = (f'{args.dataset} {name}, gallery trial {test_set.trials[0]}: top {args.topk} of '
                  f'{len(gallery)} ({args.fusion}; green right id, red wrong)')
@@ -274,7 +281,7 @@ def plot_rank_lists(args, test_set, chosen_queries):
 
 
 def plot_cmc(args, test_set):
-    fusion = {args.fusion: fusion_weights(args.fusion)}
+    fusion = {args.fusion: test_set.fusion}
     results = evaluate_store(test_set.store, test_set.layout, test_set.splits, fusion)
     numbers = figures.cmc_numbers(results, test_set.trials, args.fusion)
     summary = ', '.join(f'{name} Rank-1 {100 * curve["mean"][0]:.2f}%'
