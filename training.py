@@ -218,11 +218,13 @@ def learning_rate(base_lr, epoch, warmup, steps):
     return base_lr * 0.1 ** sum(epoch >= step for step in steps)
 
 
-def build_optimizer(model, base_lr, optim='sgd', pretrained=True):
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): BNNeck and classifier at lr, the
-    rest at 0.1 lr when it starts from pretrained weights (the released recipe), else at lr."""
+def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
+                    head_prefixes=('bottleneck.', 'classifier.')):
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (parameters named with
+    one of head_prefixes, the method's: BNNeck and classifier) at lr, the rest at 0.1 lr when it
+    starts from pretrained weights (the released recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
-            if name.startswith(('bottleneck.', 'classifier.')) and p.requires_grad]
+            if name.startswith(tuple(head_prefixes)) and p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{'params': body, 'lr_scale': 0.1 if pretrained else 1.0},
@@ -287,9 +289,13 @@ class Trainer:
         if ctx.enabled and args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained))
+        self.method = method
+        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained),
+                                         method.head_prefixes)
         self.views = method.training_views(args)
         self.criterion = build_criterion(args, self.views)
+        if isinstance(self.criterion, torch.nn.Module):  # its state is in every checkpoint
+            self.criterion.to(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.start_epoch, self.start_batch = 0, 0
         self.best_rank1, self.best_epoch = -1.0, -1
@@ -321,7 +327,9 @@ class Trainer:
         self._barrier()
         caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
                   for m in MODALITIES]
-        dataset = CrossModalTrainSet(*caches, self.views)
+        caches = self.method.training_caches(args, caches, self)  # DART's label noise
+        dataset = CrossModalTrainSet(*caches, self.views, with_indices=self.method.needs_indices)
+        self.caches, self.train_set = caches, dataset  # what a criterion's start_epoch reads
         sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                                   seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
         # its own generator: creating the workers draws nothing from the training process's RNG
@@ -369,6 +377,8 @@ class Trainer:
         check_resume_network(state, path, self.args)
         load_model_weights(self.model, state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
+        if state.get('criterion') is not None and isinstance(self.criterion, torch.nn.Module):
+            self.criterion.load_state_dict(state['criterion'])
         self.scaler.load_state_dict(state['scaler'])
         self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
         self.start_epoch = state['epoch'] + (state['step'] == 0)
@@ -443,6 +453,8 @@ class Trainer:
             'trial': int(self.trial),
             'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'criterion': (self.criterion.state_dict()
+                          if isinstance(self.criterion, torch.nn.Module) else None),
             'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
             'sampler': self.sampler.state_dict(*position),
             'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
@@ -488,7 +500,9 @@ class Trainer:
             self._seed_epoch(epoch, start_batch)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
+            self._criterion_hook('start_epoch', epoch, self)
             losses, train_seconds = self._train_epoch(epoch, start_batch, stop)
+            self._criterion_hook('end_epoch', epoch)
             record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
             if self._evaluation_due(epoch):
                 # saved before it is evaluated: an evaluation that fails costs no training
@@ -500,6 +514,13 @@ class Trainer:
         if self.best_epoch < 0:  # never evaluated: the final weights are the selection
             self._save(self.best_path, self._state(args.epochs - 1, 0))
         return self.best_rank1
+
+    def _criterion_hook(self, name, *args):
+        """The criterion's start_epoch(epoch, run) / end_epoch(epoch), where it has one; `run` is
+        this Trainer: model (the bare network), device, args, ctx, log, caches, train_set, sampler."""
+        hook = getattr(self.criterion, name, None)
+        if hook is not None:
+            hook(*args)
 
     def _evaluation_due(self, epoch):
         every = self.args.eval_every
@@ -549,11 +570,13 @@ class Trainer:
             trained = 0  # the steps this call trains
             for step, batch in enumerate(self.loader, done):
                 visible, infrared, labels = stem_batches(self.views, batch)
+                extra = {'indices': stem_indices(self.views, batch).to(device)} if self.method.needs_indices else {}
                 visible = visible.to(device, non_blocking=True, memory_format=memory_format)
                 infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
                 with autocast_context(device, args.amp):
-                    loss, parts = self.criterion(self.train_model(visible=visible, infrared=infrared), labels)
+                    out = self.method.forward_train(self.train_model, visible, infrared, labels, **extra)
+                    loss, parts = self.criterion(out, labels)
                 values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
                                                                  for v in parts.values()] +
                                       [torch.tensor(float(stop.requested), device=device)])
@@ -654,6 +677,14 @@ def stem_batches(views, batch):
     visible, infrared = (torch.cat([images[i] for i in by_stem[stem]]) for stem in MODALITIES)
     order = by_stem['visible'] + by_stem['infrared']
     return visible, infrared, torch.cat([labels[i] for i in order])
+
+
+def stem_indices(views, batch):
+    """The image index of each row of a loader batch that carries them (CrossModalTrainSet
+    with_indices: after the labels), rows in stem_batches' order."""
+    indices = batch[2 * len(views):]
+    by_stem = {stem: [i for i, view in enumerate(views) if view.stem == stem] for stem in MODALITIES}
+    return torch.cat([indices[i] for i in by_stem['visible'] + by_stem['infrared']])
 
 
 def plain_args(args):

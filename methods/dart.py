@@ -5,7 +5,10 @@ min-max -> two-component Gaussian mixture), its co-divided losses (probability-w
 loss and the four-case robust triplet), the label-noise injection of its published settings and
 its Method entry. Facts from the released code (XLearning-SCU/2022-CVPR-DART) are cited as
 file:line; none of its text is here."""
+import json
 import math
+import os
+import time
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -15,8 +18,9 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from loss import full_precision, pairwise_distance
-from model import AGW, TrainOutput
-from utils import autocast_context
+from methods.base import AGW_SCHEDULE, POOL_FEAT_FUSIONS, Method
+from model import AGW, TrainOutput, load_backbone
+from utils import UserError, autocast_context, flag, written_atomically
 
 NETWORKS = ('net1', 'net2')
 THRESHOLD = 0.5   # run.py:376 (hard-coded; --p-threshold only feeds the printout)
@@ -442,6 +446,21 @@ class DARTCriterion(nn.Module):
         resumed inside an epoch after its division)."""
         return epoch >= self.warmup_epochs and int(self.divided_epoch) != epoch
 
+    def start_epoch(self, epoch, run):
+        """Before each epoch's first step (the trainer): the division, when the epoch needs one.
+        run: the Trainer (model, device, args, ctx, log, name, caches, train_set)."""
+        self.set_sizes({'visible': len(run.caches[0][1]), 'infrared': len(run.caches[1][1])})
+        if not self.needs_division(epoch):
+            return
+        args, started = run.args, time.time()
+        self.divide_epoch(epoch, run.model, run.train_set, run.device,
+                          args.batch_size * args.num_pos, args.seed, args.amp, run.ctx.rank,
+                          run.ctx.world_size, args.workers)
+        clean = ', '.join(f'{name} {float((row >= self.threshold).float().mean()):.1%}'
+                          for name, row in zip(NETWORKS, self.clean))
+        run.log.info(f'{run.name} epoch {epoch}: division pass {time.time() - started:.1f} s; '
+                     f'clean (p >= {self.threshold}): {clean}')
+
     def divide_epoch(self, epoch, twin, dataset, device, batch, seed, amp='off', rank=0,
                      world_size=1, workers=0):
         """The division at the start of `epoch` (run.py:478-516): every training image, in
@@ -466,3 +485,90 @@ def mixture_seed(seed, epoch, network):
     """The random_state of network `network`'s mixtures at `epoch` (released: numpy's global
     stream, random_state=None)."""
     return int(np.random.SeedSequence([seed, epoch, network]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+def unnormalised_feat_distance(query, gallery):
+    """DART's test similarity (run.py:411-447): the inner product of the BNNeck features, each the
+    mean of the two networks' L2-normalised ones, not renormalised (here flip-summed, as every
+    method's test features are). query [Q, 2, 1, D], gallery [G, 2, 1, D] -> [Q, G]."""
+    return -(query[:, 1].flatten(1) @ gallery[:, 1].flatten(1).T)
+
+
+class DARTMethod(Method):
+    name, title = 'dart', 'DART'
+    summary = ("Two AGW networks on CAJ's three views, each trained on the labels the other deems "
+               'clean (a Gaussian mixture on per-sample losses): weighted identity loss + robust triplet.')
+    # The released run.py (3fe03d3): lr 0.1 (:21), P = 8 (:39), K = 4 (:50), 288x144 (:35-37; the
+    # crops are hard-coded in data_loader.py:142), 100 epochs (:471), AGW's schedule (:246-261),
+    # CAJ's three views with channel erasing (data_loader.py:138-167), no random grayscale; label
+    # noise 0 (the dataset's labels; the released default is 0.2, :74).
+    recipe = dict(**AGW_SCHEDULE, batch_size=8, num_pos=4, img_h=288, img_w=144, epochs=100,
+                  grayscale=0.0, erasing=(0.02, 0.4), erasing_kind='channel', channel_aug=True,
+                  noise_rate=0.0)
+    own_flags = ('noise_rate',)
+    head_prefixes = tuple(f'{net}.{part}.' for net in NETWORKS for part in ('bottleneck', 'classifier'))
+    # The released test: the twin-mean BNNeck feature by inner product (headline); the two
+    # fusions every (pool, feat) method reports beside it.
+    fusions = {'feat': unnormalised_feat_distance, **POOL_FEAT_FUSIONS}
+    headline = 'feat'
+    needs_indices = True
+
+    def add_arguments(self, group):
+        group.add_argument('--noise-rate', type=float,
+                           help="dart: replace this fraction of each modality's training labels by "
+                           'another identity, seeded by --seed (default: 0; the paper: 0.2, 0.5)')
+
+    def resolve(self, args):
+        if not 0 <= args.noise_rate < 1:
+            raise UserError(f'{flag("noise_rate")} must be in [0, 1) (a fraction of the training '
+                            f'labels), got {args.noise_rate}.')
+
+    def describe_network(self, args):
+        return (f'DART: two AGW networks, co-divided from epoch 1 (label noise '
+                f'{args.noise_rate:g})')
+
+    def build_network(self, num_classes, dataset, arch='resnet50', settings=None):
+        return TwinNetworks(num_classes, arch=arch)
+
+    def load_pretrained(self, model, state, source):
+        for network in model.networks():
+            load_backbone(network, state, source)
+
+    def build_criterion(self, args, views):
+        return DARTCriterion(views, seed=args.seed)
+
+    def forward_train(self, model, visible, infrared, labels, indices=None):
+        return model(visible=visible, infrared=infrared, indices=indices)
+
+    def training_caches(self, args, caches, run):
+        """The caches with --noise-rate of each modality's labels replaced (noisy_training_labels,
+        seeded by --seed), the replaced indices and labels logged and written beside the log."""
+        if not args.noise_rate:
+            return caches
+        labels = {'visible': caches[0][1], 'infrared': caches[1][1]}
+        noisy = noisy_training_labels(labels, args.noise_rate, args.seed)
+        if run.ctx.is_main:
+            record_noise(os.path.join(args.log_path, run.name + '_noise.json'), labels, noisy,
+                         args.noise_rate, args.seed)
+        run.log.info(f'{run.name}: label noise {args.noise_rate:g}: ' + ', '.join(
+            f'{len(replaced)} of {len(labels[m])} {m} labels replaced'
+            for m, (_, replaced) in noisy.items()) + ' (seeded by --seed)')
+        return [(images, noisy[m][0]) for (images, _), m in zip(caches, ('visible', 'infrared'))]
+
+
+def record_noise(path, labels, noisy, rate, seed):
+    """The injected noise as JSON: rate, seed, and per modality the replaced indices, their true
+    and their noisy labels."""
+    record = {'rate': rate, 'seed': seed, **{
+        modality: {'replaced': replaced.tolist(), 'true': labels[modality][replaced].tolist(),
+                   'noisy': values[replaced].tolist()}
+        for modality, (values, replaced) in noisy.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with written_atomically(path) as tmp, open(tmp, 'w') as handle:
+        json.dump(record, handle)
+
+
+DART_METHOD = DARTMethod()
