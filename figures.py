@@ -179,7 +179,10 @@ def pair_distance_statistics(store, weights, chunk_elements=CHUNK_ELEMENTS):
 
 def fused_distance_bound(weights, branches):
     """The largest magnitude a fused distance can have: 4 x branches x (w_pool + w_feat), as
-    each flip-summed embedding has a norm of at most 2; 1 for one feature alone (a cosine)."""
+    each flip-summed embedding has a norm of at most 2; 1 for one feature alone (a cosine); a
+    method's own distance (a callable) says its bound (its bound(branches))."""
+    if callable(weights):
+        return weights.bound(branches)
     if 0.0 in weights:
         return 1.0
     return 4.0 * branches * sum(weights)

@@ -490,11 +490,19 @@ def mixture_seed(seed, epoch, network):
 # ----------------------------------------------------------------------------------------------
 # The method
 
-def unnormalised_feat_distance(query, gallery):
+class TwinFeatDistance:
     """DART's test similarity (run.py:411-447): the inner product of the BNNeck features, each the
     mean of the two networks' L2-normalised ones, not renormalised (here flip-summed, as every
-    method's test features are). query [Q, 2, 1, D], gallery [G, 2, 1, D] -> [Q, G]."""
-    return -(query[:, 1].flatten(1) @ gallery[:, 1].flatten(1).T)
+    method's test features are). query [Q, 2, k, D], gallery [G, 2, k, D] -> distance [Q, G]
+    (the negative similarity)."""
+
+    def __call__(self, query, gallery):
+        return -(query[:, 1].flatten(1) @ gallery[:, 1].flatten(1).T)
+
+    @staticmethod
+    def bound(branches):
+        """The largest magnitude of the distance: a flip-summed feature has a norm of at most 2."""
+        return 4.0 * branches
 
 
 class DARTMethod(Method):
@@ -512,7 +520,7 @@ class DARTMethod(Method):
     head_prefixes = tuple(f'{net}.{part}.' for net in NETWORKS for part in ('bottleneck', 'classifier'))
     # The released test: the twin-mean BNNeck feature by inner product (headline); the two
     # fusions every (pool, feat) method reports beside it.
-    fusions = {'feat': unnormalised_feat_distance, **POOL_FEAT_FUSIONS}
+    fusions = {'feat': TwinFeatDistance(), **POOL_FEAT_FUSIONS}
     headline = 'feat'
     needs_indices = True
 
