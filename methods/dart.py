@@ -60,6 +60,15 @@ class TwinNetworks(nn.Module):
     def networks(self):
         return self.net1, self.net2
 
+    def weights_problem(self, state_dict):
+        """What keeps a state dict from being this twin's, where it lacks one of the networks
+        (model.load_model_weights reports it), else ''."""
+        absent = [name for name in NETWORKS if not any(k.startswith(name + '.') for k in state_dict)]
+        if absent:
+            return (f'it holds no {" and no ".join(n + ".*" for n in absent)} weights, and a DART '
+                    f'checkpoint holds both of its networks (net1.*, net2.*)')
+        return ''
+
     def forward(self, visible=None, infrared=None, indices=None):
         first = self.net1(visible=visible, infrared=infrared)
         second = self.net2(visible=visible, infrared=infrared)

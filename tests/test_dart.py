@@ -285,3 +285,156 @@ def test_train_set_gives_each_views_image_index_when_asked():
     indexed = CrossModalTrainSet(*caches, views, with_indices=True)[(6, 4, 11)]
     assert len(plain) == 6 and indexed[-3:] == (6, 6, 4) and indexed[3:6] == (0, 0, 1)
     assert all(torch.equal(a, b) for a, b in zip(plain[:3], indexed[:3]))
+
+
+# -- training, resume, refusals, tools ---------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import training  # noqa: E402
+from tiny_runs import TINY, at_criterion_call, train_argv  # noqa: E402
+from utils import UserError, load_checkpoint  # noqa: E402
+
+# 2 epochs of 3 steps: epoch 0 the warm-up, epoch 1 starts with the division; the SIGTERM
+# arrives during the 5th step (epoch 1, step 1), after the division
+RUN = ['--method', 'dart', '--epochs', 2, '--max-steps', 3, '--eval-every', 0]
+
+
+def run_file(out, suffix):
+    return os.path.join(out, 'models' if suffix.endswith('.pth') else 'logs', 'llcm_dart' + suffix)
+
+
+@pytest.fixture(scope='module')
+def straight(llcm_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('dart_straight'))
+    assert training.main(train_argv('llcm', llcm_root, out, *RUN)) == 0
+    return out
+
+
+def test_a_dart_run_warms_up_then_divides_and_keeps_both_networks(straight):
+    history = [json.loads(line) for line in open(run_file(straight, '_history.jsonl'))]
+    assert set(history[0]['losses']) == {'loss', 'id1', 'id2'}  # the warm-up: identity loss only
+    assert set(history[1]['losses']) == {'loss', 'id1', 'tri1', 'id2', 'tri2'}
+    log = open(run_file(straight, '.log')).read()
+    assert log.count('division pass') == 1 and 'llcm_dart epoch 1: division pass' in log
+    state = load_checkpoint(run_file(straight, '_last.pth'))
+    assert {key.split('.')[0] for key in state['model']} == {'net1', 'net2'}
+    assert int(state['criterion']['divided_epoch']) == 1
+    clean = state['criterion']['clean']
+    assert clean.shape[0] == 2 and ((clean >= 0) & (clean <= 1)).all()
+    # one optimiser over both networks, each network's BNNeck and classifier in the head group
+    head = state['optimizer']['param_groups'][1]
+    assert len(head['params']) == 2 * 2  # per network: BNNeck weight (its bias frozen), classifier
+
+
+def test_resume_inside_an_epoch_after_the_division_is_exact(straight, llcm_root, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    argv = train_argv('llcm', llcm_root, out, *RUN)
+
+    def signal_self(loss, parts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss, parts
+    with monkeypatch.context() as patch:
+        at_criterion_call(patch, 5, signal_self)
+        assert training.main(argv) == 130
+    stopped = load_checkpoint(run_file(out, '_last.pth'))
+    assert (stopped['epoch'], stopped['step']) == (1, 2)
+    assert int(stopped['criterion']['divided_epoch']) == 1  # divided before it stopped
+    assert training.main(argv + ['--resume', 'last']) == 0
+    expected, actual = load_checkpoint(run_file(straight, '_last.pth')), load_checkpoint(run_file(out, '_last.pth'))
+    assert all(torch.equal(expected['model'][k], actual['model'][k]) for k in expected['model'])
+    assert torch.equal(expected['criterion']['clean'], actual['criterion']['clean'])
+    for key, state in expected['optimizer']['state'].items():
+        assert torch.equal(state['momentum_buffer'], actual['optimizer']['state'][key]['momentum_buffer'])
+    assert open(run_file(out, '.log')).read().count('division pass') == 1  # not divided again
+
+
+def test_noise_rate_outside_zero_to_one_is_refused_in_one_sentence():
+    for rate in ('1', '-0.1', '1.5'):
+        with pytest.raises(UserError, match=r'^--noise-rate must be in \[0, 1\) [^.]*, got [-\d.]+\.$'):
+            training.parse_args(['--method', 'dart', '--noise-rate', rate])
+    with pytest.raises(UserError, match='--noise-rate'):
+        training.parse_args(['--method', 'agw', '--noise-rate', '0.2'])
+    assert training.parse_args(['--method', 'dart']).noise_rate == 0.0
+
+
+def test_dart_recipe_is_the_released_one():
+    args = training.parse_args(['--method', 'dart'])
+    assert (args.lr, args.batch_size, args.num_pos, args.img_h, args.img_w, args.epochs) == \
+        (0.1, 8, 4, 288, 144, 100)
+    assert (args.warmup, tuple(args.lr_steps), args.erasing_kind, args.channel_aug, args.grayscale) == \
+        (10, (20, 50), 'channel', True, 0.0)
+
+
+def test_a_demo_step_with_label_noise_records_the_noise(tmp_path):
+    from tools.synthetic_data import make_demo_dataset
+    demo = make_demo_dataset(tmp_path / 'demo')
+    out = tmp_path / 'run'
+    argv = ['--dataset', 'demo', '--data-path', str(demo), '--method', 'dart', *TINY,
+            '--model_path', str(out / 'm'), '--log_path', str(out / 'l'), '--cache-dir', str(out / 'c'),
+            '--epochs', '1', '--max-steps', '1', '--eval-every', '0', '--noise-rate', '0.2']
+    assert training.main(argv) == 0
+    noise = json.loads((out / 'l' / 'demo_dart_noise.json').read_text())
+    assert (noise['rate'], noise['seed']) == (0.2, 0)
+    for modality in ('visible', 'infrared'):
+        record = noise[modality]
+        assert all(t != n for t, n in zip(record['true'], record['noisy']))
+    assert len(noise['visible']['replaced']) == math.ceil(0.2 * 240)  # the demo's 240 visible
+    assert 'label noise 0.2' in (out / 'l' / 'demo_dart.log').read_text()
+
+
+def test_a_checkpoint_missing_a_network_is_refused_in_one_sentence(straight, llcm_root, tmp_path):
+    import test as test_script
+    state = load_checkpoint(run_file(straight, '_last.pth'))
+    state['model'] = {k: v for k, v in state['model'].items() if k.startswith('net1.')}
+    broken = tmp_path / 'one_network.pth'
+    torch.save(state, broken)
+    with pytest.raises(UserError) as error:
+        test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume', str(broken),
+                          '--device', 'cpu', '--workers', '0', '--trial', '0'])
+    message = str(error.value)
+    assert 'no net2.* weights' in message and message.count('. ') == 0 and message.endswith('.')
+
+
+def test_every_tool_reads_a_dart_checkpoint(straight, llcm_root, tmp_path):
+    import search
+    import test as test_script
+    import visualize
+    from inference import ReIDModel, image_files
+    checkpoint = run_file(straight, '_last.pth')
+    results = tmp_path / 'results.json'
+    assert test_script.main(['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume', checkpoint,
+                             '--device', 'cpu', '--workers', '0', '--trial', '0', '--output',
+                             str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record['models'][0]['method'] == 'dart'
+    assert all(set(by_fusion) == {'feat', 'pool+feat', '0.1pool+0.9feat'}
+               for by_fusion in record['results'].values())
+    assert visualize.main(['--resume', checkpoint, '--dataset', 'llcm', '--data-path', str(llcm_root),
+                           '--out', str(tmp_path / 'fig'), '--device', 'cpu', '--workers', '0',
+                           '--trial', '0']) == 0
+    assert (tmp_path / 'fig' / 'distances.png').is_file()
+    queries = image_files(str(llcm_root / 'test_nir'))[:2]
+    gallery = str(llcm_root / 'test_vis')
+    assert search.main(['--resume', checkpoint, '--query', *queries, '--query-modality', 'infrared',
+                        '--gallery', gallery, '--device', 'cpu', '--out', str(tmp_path / 's')]) == 0
+    model = ReIDModel.load(checkpoint, device='cpu')
+    assert model.embed(queries, 'infrared').shape == (2, 2, 1, 512)
+
+
+def test_a_dart_checkpoint_exports_to_onnx(straight, tmp_path):
+    pytest.importorskip('onnxruntime')
+    import export
+    assert export.main(['--resume', run_file(straight, '_last.pth'), '--out',
+                        str(tmp_path / 'dart.onnx')]) == 0
+    assert (tmp_path / 'dart.onnx').is_file()
+
+
+def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
+    import reproduce
+    out = tmp_path / 'repro'
+    assert reproduce.main(['--method', 'dart', '--dataset', 'demo', '--dry-run', '--device', 'cpu',
+                           '--out', str(out)]) == 0
+    assert not out.exists() and 'dart' in capsys.readouterr().out
