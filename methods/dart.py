@@ -236,7 +236,7 @@ def inject_label_noise(labels, rate, seed):
 def noisy_training_labels(labels_by_modality, rate, seed, attempts=100):
     """Noise of `rate` injected into each modality's training labels ({modality: labels}),
     seeded by (seed, modality position, attempt): the first attempt that leaves every identity
-    at least one image in each modality (RegDB's rule in the released data_loader.py:258-262,
+    at least one image in each modality (RegDB's rule in the released data_loader.py:248-262,
     here for every dataset: the sampler needs every identity in both). Returns {modality:
     (noisy labels, replaced indices)}."""
     identities = set(np.unique(np.concatenate([np.asarray(v) for v in labels_by_modality.values()])))
@@ -500,7 +500,7 @@ def mixture_seed(seed, epoch, network):
 # The method
 
 class TwinFeatDistance:
-    """DART's test similarity (run.py:411-447): the inner product of the BNNeck features, each the
+    """DART's test similarity (run.py:411-444): the inner product of the BNNeck features, each the
     mean of the two networks' L2-normalised ones, not renormalised (here flip-summed, as every
     method's test features are). query [Q, 2, k, D], gallery [G, 2, k, D] -> distance [Q, G]
     (the negative similarity)."""
