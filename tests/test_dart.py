@@ -438,3 +438,44 @@ def test_reproduce_dry_run_writes_nothing(tmp_path, capsys):
     assert reproduce.main(['--method', 'dart', '--dataset', 'demo', '--dry-run', '--device', 'cpu',
                            '--out', str(out)]) == 0
     assert not out.exists() and 'dart' in capsys.readouterr().out
+
+
+def test_dart_trains_under_torchrun_with_the_division_split_over_processes(llcm_root, tmp_path):
+    import subprocess
+    from test_distributed import torchrun_command
+    from tiny_runs import REPO
+    argv = train_argv('llcm', llcm_root, str(tmp_path), '--method', 'dart', '--epochs', 2, '--max-steps', 1,
+                      '--eval-every', 0)
+    env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))
+    result = subprocess.run(torchrun_command([os.path.join(REPO, 'train.py'), *argv]), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_checkpoint(run_file(str(tmp_path), '_last.pth'))
+    assert int(state['criterion']['divided_epoch']) == 1 and state['rng']['world_size'] == 2
+
+
+# batch -> (rows it writes, base value); process r computes batches r, r + 2
+MERGE_WRITES = {0: ([0, 1, 2], 10.0), 1: ([2, 3], 20.0), 2: ([4, 5, 0], 30.0), 3: ([1], 40.0)}
+
+
+def _merge_on(rank, world, port, out):
+    import torch.distributed as dist
+    from methods.dart import merge_across_processes
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    losses, writer = torch.full((1, 6), -1.0, dtype=torch.float64), torch.full((6,), -1)
+    for batch in range(rank, len(MERGE_WRITES), world):
+        rows, base = MERGE_WRITES[batch]
+        losses[0, rows] = base + torch.tensor(rows, dtype=torch.float64)
+        writer[rows] = batch
+    torch.save(merge_across_processes(losses, writer), f'{out}/rank{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_the_division_split_over_processes_keeps_the_last_batchs_loss(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+    mp.spawn(_merge_on, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    # one process writing batches 0..3 in order: row 0 by batch 2, row 1 by 3, rows 2, 3 by 1
+    expected = torch.tensor([[30.0, 41.0, 22.0, 23.0, 34.0, 35.0]], dtype=torch.float64)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f'rank{rank}.pt'), expected)
