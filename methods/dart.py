@@ -371,7 +371,7 @@ def divide(losses, views, sizes, seed):
         if not spans:
             continue
         probabilities = clean_probability([losses[s:s + n] for s, n in spans],
-                                          mixture_seed(seed, position, 0))
+                                          derived_seed(seed, position))
         for (start, count), probability in zip(spans, probabilities):
             clean[start:start + count] = probability
     return clean
@@ -383,9 +383,9 @@ def divide(losses, views, sizes, seed):
 class DARTCriterion(nn.Module):
     """L = L_net1 + L_net2 (each network's gradient comes from its own term only).
 
-    Warm-up (epochs < warmup_epochs, run.py:253-276): L_net = CE over the batch. After it, each
+    Warm-up (epochs < warmup_epochs, run.py:264-287): L_net = CE over the batch. After it, each
     epoch starts with the division (start_epoch): every training image's identity loss under
-    each network -> clean probabilities per network; then co-divide (run.py:527-548): net1
+    each network -> clean probabilities per network; then co-divide (run.py:518-558): net1
     trains with net2's clean probabilities and net2 with net1's, L_net = probability-weighted
     CE + robust triplet (threshold 0.5, margin 0.3) on its pre-BN features.
 
@@ -394,12 +394,12 @@ class DARTCriterion(nn.Module):
     every checkpoint, so a run resumed inside an epoch after its division trains on the same
     probabilities and does not divide again. Parts: id1, tri1, id2, tri2 (detached, sum to L).
     views: the training views (data_loader.View); sizes: {stem: training images}, known at
-    start_epoch (and at load, from the checkpoint's buffer)."""
+    start_epoch (set_sizes). warmup_epochs: the released --warm-epoch 1 (run.py:78)."""
 
-    def __init__(self, views, warmup_epochs=1, threshold=THRESHOLD, margin=MARGIN, seed=0):
+    def __init__(self, views, warmup_epochs=1, threshold=THRESHOLD, margin=MARGIN):
         super().__init__()
         self.views, self.sizes = list(views), None
-        self.warmup_epochs, self.threshold, self.margin, self.seed = warmup_epochs, threshold, margin, seed
+        self.warmup_epochs, self.threshold, self.margin = warmup_epochs, threshold, margin
         self.register_buffer('clean', torch.zeros(len(NETWORKS), 0))
         self.register_buffer('divided_epoch', torch.tensor(-1))
 
@@ -427,18 +427,15 @@ class DARTCriterion(nn.Module):
         return total, {name: value.detach() for name, value in parts.items()}
 
     def batch_rows(self, indices, count):
+        """Where the batch's rows are in the flat layout of `clean`."""
         if indices is None or len(indices) != count:
             raise ValueError('DART needs the training-set index of every row of the batch')
-        return layout_rows(self.views, self.sizes_from_layout(), indices)
-
-    def sizes_from_layout(self):
-        """{stem: image count}: as set by start_epoch, else from the buffer's length (a resumed
-        criterion), which is sum over views of their stem's count."""
-        if self.sizes is not None:
-            return self.sizes
-        raise ValueError('the training-set sizes are unknown: call set_sizes first')
+        if self.sizes is None:
+            raise ValueError('the training-set sizes are unknown: call set_sizes first')
+        return layout_rows(self.views, self.sizes, indices)
 
     def set_sizes(self, sizes):
+        """{stem: training images}; a resumed buffer must cover them."""
         self.sizes = dict(sizes)
         _, total = view_offsets(self.views, self.sizes)
         if self.clean.shape[1] not in (0, total):
@@ -486,14 +483,15 @@ class DARTCriterion(nn.Module):
         _, total = view_offsets(self.views, self.sizes)
         losses, writer = per_sample_losses(networks, batches, total, device, amp)
         losses = merge_across_processes(losses, writer).cpu()
-        self.assign(epoch, [divide(losses[k], self.views, self.sizes, mixture_seed(seed, epoch, k))
+        self.assign(epoch, [divide(losses[k], self.views, self.sizes, derived_seed(seed, epoch, k))
                             for k in range(len(networks))])
 
 
-def mixture_seed(seed, epoch, network):
-    """The random_state of network `network`'s mixtures at `epoch` (released: numpy's global
-    stream, random_state=None)."""
-    return int(np.random.SeedSequence([seed, epoch, network]).generate_state(1)[0])
+def derived_seed(*parts):
+    """An int seed from a sequence of ints (numpy's SeedSequence), for scikit-learn's
+    random_state: the mixtures are seeded by (--seed, epoch, network, modality); the released
+    ones draw from numpy's global stream (random_state=None)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +553,7 @@ class DARTMethod(Method):
             load_backbone(network, state, source)
 
     def build_criterion(self, args, views):
-        return DARTCriterion(views, seed=args.seed)
+        return DARTCriterion(views)
 
     def forward_train(self, model, visible, infrared, labels, indices=None):
         return model(visible=visible, infrared=infrared, indices=indices)

@@ -266,7 +266,7 @@ def test_division_pass_covers_every_training_image():
     losses, writer = per_sample_losses(twin.networks(), division_batches(
         dataset, views, sizes, plan, torch.device('cpu')), 7 + 7 + 5, torch.device('cpu'))
     assert (losses >= 0).all() and (writer >= 0).all()
-    criterion = DARTCriterion(views, seed=0)
+    criterion = DARTCriterion(views)
     criterion.set_sizes(sizes)
     rng_before = torch.get_rng_state()
     criterion.divide_epoch(1, twin, dataset, torch.device('cpu'), batch=4, seed=0)
