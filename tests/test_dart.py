@@ -479,3 +479,18 @@ def test_the_division_split_over_processes_keeps_the_last_batchs_loss(tmp_path):
     expected = torch.tensor([[30.0, 41.0, 22.0, 23.0, 34.0, 35.0]], dtype=torch.float64)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f'rank{rank}.pt'), expected)
+
+
+@pytest.mark.parametrize('dataset', ['sysu', 'regdb'])
+def test_the_division_covers_sysu_and_regdb_training_sets(dataset, request, tmp_path):
+    from data_manager import layout_of, train_image_lists
+    root = request.getfixturevalue(f'{dataset}_root')
+    argv = train_argv(dataset, root, str(tmp_path), '--method', 'dart', '--epochs', 2,
+                      '--max-steps', 1, '--eval-every', 0, *(['--trial', 1] if dataset == 'regdb' else []))
+    assert training.main(argv) == 0
+    name = f'{dataset}_dart' + ('_trial1' if dataset == 'regdb' else '')
+    state = load_checkpoint(os.path.join(str(tmp_path), 'models', name + '_last.pth'))
+    lists = train_image_lists(layout_of(dataset), str(root), trial=1)
+    visible, infrared = len(lists['visible'].pids), len(lists['infrared'].pids)
+    assert state['criterion']['clean'].shape == (2, 2 * visible + infrared)  # CAJ's three views
+    assert int(state['criterion']['divided_epoch']) == 1
