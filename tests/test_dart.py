@@ -494,3 +494,22 @@ def test_the_division_covers_sysu_and_regdb_training_sets(dataset, request, tmp_
     visible, infrared = len(lists['visible'].pids), len(lists['infrared'].pids)
     assert state['criterion']['clean'].shape == (2, 2 * visible + infrared)  # CAJ's three views
     assert int(state['criterion']['divided_epoch']) == 1
+
+
+def test_each_rows_index_names_the_image_of_its_label():
+    from data_loader import CrossModalTrainSet, training_views
+    from training import stem_batches, stem_indices
+    from utils import IdentitySampler
+    rng = np.random.default_rng(0)
+    caches = [(rng.integers(0, 255, (n, 64, 32, 3), dtype=np.uint8), np.arange(n) % 5) for n in (30, 20)]
+    for _, labels in caches:
+        rng.shuffle(labels)
+    views = training_views(64, 32, erasing=None, grayscale=0.0, pad=2, channel_aug=True)
+    dataset = CrossModalTrainSet(*caches, views, with_indices=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=IdentitySampler(
+        caches[0][1], caches[1][1], 2, 2))
+    batch = next(iter(loader))
+    _, _, labels = stem_batches(views, batch)
+    indices = stem_indices(views, batch)
+    stems = [0] * 8 + [1] * 4  # rows: visible, visible channel-exchanged, infrared; 4 each
+    assert [int(caches[s][1][i]) for s, i in zip(stems, indices)] == labels.tolist()
