@@ -20,16 +20,16 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     folder_writer, peek_checkpoint)
 from data_loader import CrossModalTrainSet, load_or_build_cache
 from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
-from methods import METHODS, agw, build_network, get_method
-from model import BACKBONES, load_model_weights, uses_pretrained
 from evaluation import selection_rank1, selection_split
-from inference import CHECKPOINT_FORMAT, inference_model
+from inference import inference_model
+from methods import METHODS, agw, build_network, get_method
+from model import BACKBONES, uses_pretrained
 from provenance import run_provenance
-from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
-                   autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
-                   from_main_process, gathered, load_checkpoint, manual_parser, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logger, setup_runtime,
-                   written_atomically)
+from training_state import RunCheckpoints, plain_args
+from utils import (AverageMeter, IdentitySampler, UserError, add_runtime_args, autocast_context,
+                   epoch_seed, fill_runtime_defaults, first_sentence, flag, from_main_process,
+                   gathered, manual_parser, seed_everything, set_rng_state, setup_logger,
+                   setup_runtime, written_atomically)
 
 # Flags left unset take these values, then the method's released recipe (METHOD.md), then the
 # dataset's overrides.
@@ -60,10 +60,6 @@ def method_recipe(method, dataset):
     recipe.update(method.dataset_recipes.get(dataset, {}))
     return recipe
 
-
-# The flags an epoch's batch plan depends on (IdentitySampler.state_dict keys), besides the epoch
-# and the training set: a change since a checkpoint was saved restarts its interrupted epoch.
-PLAN_FLAGS = {'seed': flag('seed'), 'num_ids': flag('batch_size'), 'num_pos': flag('num_pos')}
 
 
 class TrainingDiverged(UserError):
@@ -220,8 +216,8 @@ def learning_rate(base_lr, epoch, warmup, steps):
 
 def build_optimizer(model, base_lr, optim='sgd', pretrained=True,
                     head_prefixes=('bottleneck.', 'classifier.')):
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (parameters named with
-    one of head_prefixes, the method's: BNNeck and classifier) at lr, the rest at 0.1 lr when it
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) or Adam (wd 5e-4): the head (the parameters named
+    with head_prefixes, the method's: BNNeck and classifier) at lr, the rest at 0.1 lr when it
     starts from pretrained weights (the released recipe), else at lr."""
     head = [p for name, p in model.named_parameters()
             if name.startswith(tuple(head_prefixes)) and p.requires_grad]
@@ -266,261 +262,82 @@ class StopRequest:
 
 
 class Trainer:
-    """One training run (one dataset, one RegDB trial): data, model, optimiser, loop, checkpoints.
-    cache_scope: who builds the training cache (check_run's answer; checks.folder_writer)."""
+    """One training run (one dataset, one RegDB trial): its network, optimiser, criterion and data,
+    and the loop over epochs and steps; where it stands and its checkpoints are
+    `self.checkpoints` (training_state.RunCheckpoints), its log lines, history and TensorBoard
+    scalars `self.report` (RunReport). cache_scope: who builds the training cache (check_run's
+    answer; checks.folder_writer)."""
 
     def __init__(self, args, trial, ctx, device, logger, cache_scope='all'):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
         self.layout = layout_of(args.dataset)
+        self.method = get_method(args.method)
         self.provenance = run_provenance(args, ctx, device)  # recorded in every checkpoint
-        self.best_path, self.last_path = checkpoint_paths(args, trial)
+        self.checkpoints = RunCheckpoints(self, *checkpoint_paths(args, trial))
         lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
-        self.num_classes = num_classes = identity_count(lists)
+        self.num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
-        method = get_method(args.method)
-        model = build_network(method, num_classes, args.dataset, pretrained=args.pretrained,
-                              arch=args.arch, settings=method.network_settings(args))
-        self.log.info(f'{self.name}: {method.describe_network(args)}')
-        model.to(device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if ctx.enabled and args.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
-        self.method = method
-        self.optimizer = build_optimizer(model, args.lr, args.optim, uses_pretrained(args.pretrained),
-                                         method.head_prefixes)
-        self.views = method.training_views(args)
+        self.model = run_network(self.method, args, self.num_classes, device, ctx)
+        self.log.info(f'{self.name}: {self.method.describe_network(args)}')
+        self.views = self.method.training_views(args)
         self.criterion = build_criterion(args, self.views)
-        if isinstance(self.criterion, torch.nn.Module):  # its state is in every checkpoint
+        if isinstance(self.criterion, torch.nn.Module):
             self.criterion.to(device)
+        self.optimizer = build_optimizer(self.model, args.lr, args.optim,
+                                         uses_pretrained(args.pretrained),
+                                         self.method.head_prefixes)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-        self.start_epoch, self.start_batch = 0, 0
-        self.best_rank1, self.best_epoch = -1.0, -1
-        self.resumed_rng = self.resumed_progress = self.pending_record = None
-        self.interrupted = None  # where a resumed checkpoint stopped inside an epoch
-        self.saved = None  # (path, epoch, global batch) of the last checkpoint this run wrote
-        path = resume_path(args, self.last_path, ctx) if args.resume else None
+        path = resume_path(args, self.checkpoints.last_path, ctx) if args.resume else None
         if path:
-            self._resume(path)
+            self.checkpoints.resume(path)
         elif args.resume:
-            self.log.info(f'{flag("resume")} auto: no {self.last_path} yet, a new run starts')
-        self.loader, self.sampler = self._build_data(lists, folder_writer(cache_scope, ctx))
-        if self.interrupted is not None:
-            self._continue_epoch(self.interrupted)
-        self.train_model = self._wrap(model)
-        self.eval_model = inference_model(model, args)  # compiled once per run with --compile
-        self.writer = self._tensorboard()
+            self.log.info(f'{flag("resume")} auto: no {self.checkpoints.last_path} yet, a new run '
+                          f'starts')
+        self.caches, self.loader, self.sampler, self.loader_generator = training_data(
+            args, lists, self.views, ctx, device, folder_writer(cache_scope, ctx), run=self)
+        self.log.info(f'{self.name}: {self.num_classes} identities, {len(self.caches[0][1])} '
+                      f'visible and {len(self.caches[1][1])} infrared training images, '
+                      f'{self.sampler.batches} batches of {args.batch_size}x{args.num_pos}, '
+                      f'{self.sampler.steps} steps/epoch on {ctx.world_size} process(es)')
+        self.checkpoints.continue_epoch()
+        self.train_model = wrapped_for_training(self.model, args, ctx, device)
+        self.eval_model = inference_model(self.model, args)  # compiled once per run with --compile
+        self.report = RunReport(args, self.name, ctx, logger)
 
-    # -- setup ------------------------------------------------------------------------------
-    def _build_data(self, lists, builds_cache):
-        """(loader, sampler); builds_cache: whether this process builds the cache (rank 0, or the
-        first process of each node when every node has its own --cache-dir), the others wait
-        and read it."""
-        args, ctx = self.args, self.ctx
-        size = (args.img_w, args.img_h)
-        if builds_cache:
-            for modality in MODALITIES:
-                load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
-        self._barrier()
-        caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
-                  for m in MODALITIES]
-        caches = self.method.training_caches(args, caches, self)  # DART's label noise
-        dataset = CrossModalTrainSet(*caches, self.views, with_indices=self.method.needs_indices)
-        self.caches, self.train_set = caches, dataset  # what a criterion's start_epoch reads
-        sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
-                                  seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
-        # its own generator: creating the workers draws nothing from the training process's RNG
-        self.loader_generator = torch.Generator()
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
-            num_workers=args.workers, pin_memory=self.device.type == 'cuda', drop_last=False,
-            persistent_workers=False, generator=self.loader_generator)
-        self.log.info(f'{self.name}: {self.num_classes} identities, {len(caches[0][1])} visible and '
-                      f'{len(caches[1][1])} infrared training images, {sampler.batches} batches of '
-                      f'{args.batch_size}x{args.num_pos}, {sampler.steps} steps/epoch on '
-                      f'{ctx.world_size} process(es)')
-        return loader, sampler
-
-    def _wrap(self, model):
-        if self.ctx.enabled:
-            ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        if self.args.compile:
-            model = torch.compile(model)
-        return model
-
-    def _tensorboard(self):
-        if not self.ctx.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(os.path.join(self.args.log_path, 'tensorboard', self.name))
-
-    def _barrier(self):
-        if self.ctx.enabled:
-            dist.barrier()
-
-    def _resume(self, path):
-        state = load_checkpoint(path)
-        if state.get('format') != CHECKPOINT_FORMAT:  # released DEEN checkpoint: weights only
-            load_model_weights(self.model, state.get('net', state))
-            self.start_epoch = int(state.get('epoch', -1)) + 1
-            self.log.info(f'initialised from released checkpoint {path}; optimiser and schedule '
-                          f'start fresh at epoch {self.start_epoch}')
-            return
-        check_resume_state(state, path, self.args, self.num_classes)
-        check_resume_network(state, path, self.args)
-        load_model_weights(self.model, state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        if state.get('criterion') is not None and isinstance(self.criterion, torch.nn.Module):
-            self.criterion.load_state_dict(state['criterion'])
-        self.scaler.load_state_dict(state['scaler'])
-        self.best_rank1, self.best_epoch = state['best_rank1'], state['best_epoch']
-        self.start_epoch = state['epoch'] + (state['step'] == 0)
-        if state['step']:  # an interrupted epoch: continued once the sampler exists
-            self.interrupted = {'path': path, 'sampler': state.get('sampler') or {},
-                                'rng': state.get('rng') or {},
-                                'progress': state.get('epoch_progress')}
-        self.pending_record = state.get('evaluation_pending')
-        self.saved = (path, state['epoch'], state['step'])
-        where = (f'inside epoch {state["epoch"]}, after {state["step"]} global batch(es)'
-                 if state['step'] else f'after epoch {state["epoch"]}')
-        self.log.info(f'resumed {path} ({where})')
-        if self.start_epoch >= self.args.epochs and not self.pending_record:
-            self.log.info(f'{path} has trained the {self.start_epoch} epoch(s) that '
-                          f'{flag("epochs")} {self.args.epochs} asks for: nothing left to train')
-
-    def _continue_epoch(self, saved):
-        """Continue the interrupted epoch of a resumed checkpoint at the global batch it reached.
-        The same process count also continues each process's random states, bit-exact; another
-        count continues the batch plan exactly, but each process reseeds its own random stream
-        (the dropout of the network), since the old processes' streams cannot be split or merged.
-        A changed plan (--batch-size, --num_pos, --seed, the training set) restarts the epoch.
-        Anything but an exact continuation is said in one line."""
-        epoch, then = self.start_epoch, saved['sampler']
-        now = self.sampler.state_dict(epoch, 0)
-        changed = [f'{name} ({then.get(key)} -> {now[key]})' for key, name in PLAN_FLAGS.items()
-                   if then.get(key) != now[key]]
-        if not changed and then.get('batches_per_epoch') != now['batches_per_epoch']:
-            changed = [f'the training set ({then.get("batches_per_epoch")} -> '
-                       f'{now["batches_per_epoch"]} batches per epoch)']
-        if 'batch' not in then or changed:
-            why = (', '.join(changed) + ' changed' if changed
-                   else 'the checkpoint does not record its position as global batches')
-            self.log.info(f'epoch {epoch} restarts from its first batch: {why} since '
-                          f'{saved["path"]} was saved, so its interrupted part cannot be continued '
-                          f'exactly.')
-            return
-        world, before = self.ctx.world_size, then['world_size']
-        self.start_batch, self.resumed_progress = then['batch'], saved['progress']
-        states = saved['rng'].get('ranks', [])
-        if before == world and len(states) == world:
-            self.resumed_rng = states[self.ctx.rank]
-            return
-        where = f'epoch {epoch} continues at global batch {self.start_batch} of {self.sampler.batches}'
-        if before == world:  # a checkpoint without every process's random states
-            self.log.info(f'{where}; {saved["path"]} holds no random states of its {world} '
-                          f'processes, so each process reseeds from (seed, epoch, rank, batch).')
-            return
-        steps = max(0, -(-(self._epoch_end() - self.start_batch) // world))
-        self.log.info(
-            f'{where} on {world} process(es) instead of the {before} that saved it: {steps} '
-            f'step(s) left, each process {self.args.batch_size}x{self.args.num_pos} images per '
-            f'modality (a global batch of {self.args.batch_size * world} identities, was '
-            f'{self.args.batch_size * before}); the network\'s random state (dropout, one per '
-            f'process) cannot carry over to another process count, so each process reseeds from '
-            f'(seed, epoch, rank, batch).')
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def _state(self, epoch, step, metrics=None, progress=None, pending=None):
-        """The checkpoint after `step` global batches of `epoch` (step 0: after the whole epoch;
-        one process trains one global batch per step, W processes W). Where the run stands:
-        'epoch' / 'step', the sampler's position ('sampler': global batches consumed, with what
-        the batch plan depends on) and every process's RNG states ('rng': world_size, ranks); the
-        data pipeline's draws are functions of the sampler's position (IdentitySampler). Every
-        process calls it (it gathers their RNG states). Mid-epoch, 'epoch_progress' holds
-        the epoch's loss sums and counts so far; 'evaluation_pending' holds the history record
-        of an epoch saved before its evaluation, which a resumed run evaluates first."""
-        position = (epoch, step) if step else (epoch + 1, 0)
-        return {
-            'format': CHECKPOINT_FORMAT, 'version': __version__,
-            'dataset': self.args.dataset, 'method': self.args.method, 'arch': self.args.arch,
-            'trial': int(self.trial),
-            'num_classes': self.num_classes, 'img_h': self.args.img_h, 'img_w': self.args.img_w,
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'criterion': (self.criterion.state_dict()
-                          if isinstance(self.criterion, torch.nn.Module) else None),
-            'scaler': self.scaler.state_dict(), 'epoch': epoch, 'step': step,
-            'sampler': self.sampler.state_dict(*position),
-            'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
-            'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
-            'epoch_progress': progress, 'evaluation_pending': pending,
-            'metrics': metrics or {}, 'args': plain_args(self.args),
-            'network': get_method(self.args.method).network_settings(self.args),
-            'provenance': self.provenance,
-        }
-
-    def _save(self, path, state):
-        """Write a checkpoint (main process), never one holding NaN or infinite weights."""
-        if not finite_weights(self.model):
-            raise TrainingDiverged(f'the weights became NaN or infinite in epoch {state["epoch"]}; '
-                                   f'{self._last_good()}.')
-        if self.ctx.is_main:
-            save_checkpoint(state, path)
-        if path == self.last_path:
-            self.saved = (path, state['epoch'], state['step'])
-
-    def _last_good(self):
-        """Which checkpoint a diverged run leaves, as a phrase."""
-        if self.saved is not None:
-            path, epoch, step = self.saved
-            where = (f'after epoch {epoch}' if step == 0
-                     else f'inside epoch {epoch}, after {step} global batch(es)')
-            return f'the last good checkpoint is {path} ({where})'
-        if os.path.isfile(self.last_path):
-            return f'this run saved no checkpoint and left {self.last_path} as it was'
-        return 'this run saved no checkpoint'
-
-    # -- loop -------------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
     def fit(self, stop):
-        args = self.args
-        if self.pending_record is not None:  # trained and saved; its evaluation did not finish
-            record, self.pending_record = self.pending_record, None
+        """Train the epochs left (evaluating the pending one first); returns the best Rank-1."""
+        args, checkpoints = self.args, self.checkpoints
+        if checkpoints.pending_record is not None:  # trained and saved; not yet evaluated
+            record, checkpoints.pending_record = checkpoints.pending_record, None
             if args.eval_every:
                 self._evaluate_and_report(record)
             else:
                 self._report(record, None)
-        for epoch in range(self.start_epoch, args.epochs):
-            start_batch = self.start_batch if epoch == self.start_epoch else 0
+        for epoch in range(checkpoints.start_epoch, args.epochs):
+            start_batch = checkpoints.start_batch if epoch == checkpoints.start_epoch else 0
             self._seed_epoch(epoch, start_batch)
             lr = learning_rate(args.lr, epoch, args.warmup, args.lr_steps)
             set_learning_rate(self.optimizer, lr)
-            self._criterion_hook('start_epoch', epoch, self)
+            call_hook(self.criterion, 'start_epoch', epoch, self)
             losses, train_seconds = self._train_epoch(epoch, start_batch, stop)
-            self._criterion_hook('end_epoch', epoch)
+            call_hook(self.criterion, 'end_epoch', epoch)
             record = {'epoch': epoch, 'lr': lr, 'losses': losses, 'train_seconds': train_seconds}
             if self._evaluation_due(epoch):
                 # saved before it is evaluated: an evaluation that fails costs no training
-                self._save(self.last_path, self._state(epoch, 0, pending=record))
+                self._save(checkpoints.last_path, epoch, pending=record)
                 self._evaluate_and_report(record)
             else:
-                self._save(self.last_path, self._state(epoch, 0))
+                self._save(checkpoints.last_path, epoch)
                 self._report(record, None)
-        if self.best_epoch < 0:  # never evaluated: the final weights are the selection
-            self._save(self.best_path, self._state(args.epochs - 1, 0))
-        return self.best_rank1
+        if checkpoints.best_epoch < 0:  # never evaluated: the final weights are the selection
+            self._save(checkpoints.best_path, args.epochs - 1)
+        return checkpoints.best_rank1
 
-    def _criterion_hook(self, name, *args):
-        """The criterion's start_epoch(epoch, run) / end_epoch(epoch), where it has one; `run` is
-        this Trainer: model (the bare network), device, args, ctx, log, caches, train_set, sampler."""
-        hook = getattr(self.criterion, name, None)
-        if hook is not None:
-            hook(*args)
+    def _save(self, path, epoch, step=0, **content):
+        self.checkpoints.save(path, self.checkpoints.state(epoch, step, **content), TrainingDiverged)
 
     def _evaluation_due(self, epoch):
         every = self.args.eval_every
@@ -528,66 +345,49 @@ class Trainer:
 
     def _evaluate_and_report(self, record):
         """Evaluate the epoch of `record`, keep `best`, re-write `last` with the metrics, report."""
-        epoch = record['epoch']
+        epoch, checkpoints = record['epoch'], self.checkpoints
         metrics = self._evaluate()
-        if metrics['rank1'] > self.best_rank1:
-            self.best_rank1, self.best_epoch = metrics['rank1'], epoch
-            self._save(self.best_path, self._state(epoch, 0, metrics))
-        self._save(self.last_path, self._state(epoch, 0, metrics))
+        if metrics['rank1'] > checkpoints.best_rank1:
+            checkpoints.best_rank1, checkpoints.best_epoch = metrics['rank1'], epoch
+            self._save(checkpoints.best_path, epoch, metrics=metrics)
+        self._save(checkpoints.last_path, epoch, metrics=metrics)
         self._report(record, metrics)
 
-    def _epoch_end(self):
+    def epoch_end(self):
         """The global batches an epoch covers: the sampler's B, or --max-steps steps' worth."""
         if self.args.max_steps is None:
             return self.sampler.batches
         return min(self.sampler.batches, self.args.max_steps * self.ctx.world_size)
 
     def _seed_epoch(self, epoch, start_batch):
-        if self.resumed_rng is not None and start_batch > 0:
-            set_rng_state(self.resumed_rng)  # continue the interrupted epoch where it stopped
+        checkpoints = self.checkpoints
+        if checkpoints.resumed_rng is not None and start_batch > 0:
+            set_rng_state(checkpoints.resumed_rng)  # continue the interrupted epoch where it stopped
         else:
             seed_everything(epoch_seed(self.args.seed, epoch, self.ctx.rank, start_batch))
-        self.resumed_rng = None
+        checkpoints.resumed_rng = None
         self.loader_generator.manual_seed(epoch_seed(self.args.seed, epoch, self.ctx.rank))
-        self.sampler.set_epoch(epoch, start_batch, self._epoch_end())
+        self.sampler.set_epoch(epoch, start_batch, self.epoch_end())
 
     def _train_epoch(self, epoch, start_batch, stop):
         """Train the global batches start_batch.. of epoch (this process every world_size-th);
         returns ({term: mean loss}, seconds), counting what an interrupted run trained before
         start_batch."""
-        args, device, world = self.args, self.device, self.ctx.world_size
+        world, checkpoints = self.ctx.world_size, self.checkpoints
         self.train_model.train()
-        progress = self.resumed_progress if start_batch else None
+        progress = checkpoints.resumed_progress if start_batch else None
         progress = progress or {'meters': {}, 'train_seconds': 0.0}
-        self.resumed_progress = None
+        checkpoints.resumed_progress = None
         meters = {name: AverageMeter.resumed(total, count)
                   for name, (total, count) in progress['meters'].items()}
         started = time.time()
         done = start_batch // world  # the steps before start_batch, as this process count counts
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         with tqdm(total=done + self.sampler.steps_left, initial=done, desc=f'epoch {epoch}',
                   leave=False, disable=not self.ctx.is_main, dynamic_ncols=True) as bar:
             trained = 0  # the steps this call trains
             for step, batch in enumerate(self.loader, done):
-                visible, infrared, labels = stem_batches(self.views, batch)
-                extra = {'indices': stem_indices(self.views, batch).to(device)} if self.method.needs_indices else {}
-                visible = visible.to(device, non_blocking=True, memory_format=memory_format)
-                infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
-                with autocast_context(device, args.amp):
-                    out = self.method.forward_train(self.train_model, visible, infrared, labels, **extra)
-                    loss, parts = self.criterion(out, labels)
-                values = self._reduce([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=device)
-                                                                 for v in parts.values()] +
-                                      [torch.tensor(float(stop.requested), device=device)])
-                if not math.isfinite(values[0]):
-                    raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
-                                           f'{self._last_good()}.')
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                for name, value in zip(['loss', *parts], values):
+                values, names = self._train_step(batch, stop, epoch, step)
+                for name, value in zip(names, values):
                     meters.setdefault(name, AverageMeter()).update(value)
                 bar.set_postfix({name: f'{m.avg:.3f}' for name, m in meters.items()}, refresh=False)
                 bar.update()
@@ -596,11 +396,38 @@ class Trainer:
                     progress = {'meters': {name: [m.sum, m.count] for name, m in meters.items()},
                                 'train_seconds': progress['train_seconds'] + time.time() - started}
                     consumed = start_batch + (step - done + 1) * world
-                    self._save(self.last_path, self._state(epoch, consumed, progress=progress))
+                    self._save(checkpoints.last_path, epoch, consumed, progress=progress)
                     raise Interrupted(epoch)
         seconds = progress['train_seconds'] + time.time() - started
         self._warn_stalled_triplet(epoch, trained)
         return {name: m.avg for name, m in meters.items()}, seconds
+
+    def _train_step(self, batch, stop, epoch, step):
+        """One optimiser step on a loader batch; returns the step's scalars averaged over the
+        processes ([loss, each part..., the stop flag summed]) and their names."""
+        args, device = self.args, self.device
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        visible, infrared, labels = stem_batches(self.views, batch)
+        visible = visible.to(device, non_blocking=True, memory_format=memory_format)
+        infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        extra = ({'indices': stem_indices(self.views, batch).to(device)}
+                 if self.method.needs_indices else {})
+        with autocast_context(device, args.amp):
+            output = self.method.forward_train(self.train_model, visible, infrared, labels, **extra)
+            loss, parts = self.criterion(output, labels)
+        values = self._reduce([loss.detach().float()] +
+                              [torch.as_tensor(v, dtype=torch.float32, device=device)
+                               for v in parts.values()] +
+                              [torch.tensor(float(stop.requested), device=device)])
+        if not math.isfinite(values[0]):
+            raise TrainingDiverged(f'the loss became {values[0]} at epoch {epoch}, step {step}; '
+                                   f'{self.checkpoints.last_good()}.')
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return values, ['loss', *parts]
 
     def _warn_stalled_triplet(self, epoch, steps):
         """One log line when the triplet term had zero gradient at each of the epoch's `steps`
@@ -631,13 +458,24 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         metrics = selection_rank1(self.eval_model, self.layout, args.data_path, trial=int(self.trial),
                                   mode=args.mode, args=args, device=self.device, ctx=self.ctx,
-                                  fusion=get_method(args.method).headline)
+                                  fusion=self.method.headline)
         metrics['seconds'] = time.time() - start
         return metrics
 
     def _report(self, record, metrics):
-        """The epoch's line in the log, its record in the history file, TensorBoard scalars.
-        record: epoch, lr, losses, train_seconds."""
+        self.report.epoch(record, metrics, self.checkpoints.best_rank1, self.checkpoints.best_epoch)
+
+
+class RunReport:
+    """What a run says of each epoch: a line in the log, a record in the history file (main
+    process) and TensorBoard scalars (main process, when TensorBoard is installed)."""
+
+    def __init__(self, args, name, ctx, log):
+        self.args, self.name, self.ctx, self.log = args, name, ctx, log
+        self.writer = tensorboard_writer(args, name) if ctx.is_main else None
+
+    def epoch(self, record, metrics, best_rank1, best_epoch):
+        """record: epoch, lr, losses, train_seconds; metrics: the selection metrics or None."""
         epoch, lr, losses = record['epoch'], record['lr'], record['losses']
         if self.ctx.is_main:
             append_history(history_path(self.args.log_path, self.name),
@@ -646,7 +484,7 @@ class Trainer:
         line = f'{self.name} epoch {epoch} lr {lr:.4g} {text}'
         if metrics:
             line += (f' | {metrics["direction"]} Rank-1 {metrics["rank1"]:.2%} mAP {metrics["mAP"]:.2%}'
-                     f' mINP {metrics["mINP"]:.2%} (best {self.best_rank1:.2%} @ {self.best_epoch})')
+                     f' mINP {metrics["mINP"]:.2%} (best {best_rank1:.2%} @ {best_epoch})')
         self.log.info(line)
         if self.writer is not None:
             for name, value in losses.items():
@@ -656,6 +494,71 @@ class Trainer:
                 if isinstance(value, float):
                     self.writer.add_scalar(f'test/{name}', value, epoch)
             self.writer.flush()
+
+
+def tensorboard_writer(args, name):
+    """A TensorBoard SummaryWriter under --log_path, or None without TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(args.log_path, 'tensorboard', name))
+
+
+def call_hook(criterion, name, *args):
+    """Call the criterion's optional per-epoch hook (start_epoch, end_epoch) when it has one."""
+    hook = getattr(criterion, name, None)
+    if callable(hook):
+        hook(*args)
+
+
+def run_network(method, args, num_classes, device, ctx):
+    """The network a run trains, on its device (channels-last, SyncBatchNorm as asked)."""
+    model = build_network(method, num_classes, args.dataset, pretrained=args.pretrained,
+                          arch=args.arch, settings=method.network_settings(args))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ctx.enabled and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrapped_for_training(model, args, ctx, device):
+    """The network as the steps call it: in DDP under torchrun, compiled with --compile."""
+    if ctx.enabled:
+        ids = [device.index] if device.type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if args.compile else model
+
+
+def training_data(args, lists, views, ctx, device, builds_cache, run=None):
+    """(caches, loader, sampler, the loader's generator) of a run's training images. builds_cache:
+    whether this process builds the cache (rank 0, or the first process of each node when every
+    node has its own --cache-dir); the others wait and read it. run: the Trainer, whose method
+    may change the training labels (Method.training_caches: DART's label noise) and read each
+    row's image index (Method.needs_indices)."""
+    size = (args.img_w, args.img_h)
+    if builds_cache:
+        for modality in MODALITIES:
+            load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
+    if ctx.enabled:
+        dist.barrier()
+    caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
+              for m in MODALITIES]
+    method = run.method if run is not None else None
+    if method is not None:
+        caches = method.training_caches(args, caches, run)
+    dataset = CrossModalTrainSet(*caches, views, with_indices=bool(method and method.needs_indices))
+    sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
+                              seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
+    # its own generator: creating the workers draws nothing from the training process's RNG
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
+        num_workers=args.workers, pin_memory=device.type == 'cuda', drop_last=False,
+        persistent_workers=False, generator=generator)
+    return caches, loader, sampler, generator
 
 
 def build_criterion(args, views):
@@ -685,11 +588,6 @@ def stem_indices(views, batch):
     indices = batch[2 * len(views):]
     by_stem = {stem: [i for i, view in enumerate(views) if view.stem == stem] for stem in MODALITIES}
     return torch.cat([indices[i] for i in by_stem['visible'] + by_stem['infrared']])
-
-
-def plain_args(args):
-    """The arguments as JSON-able, weights-only-loadable values."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
 def history_path(log_path, name):
@@ -753,12 +651,6 @@ def continue_hint(args, last_path):
         return (f'continue with the same command, {flag("resume")} {last_path} instead of '
                 f'{args.resume}')
     return f'continue with the same command plus {flag("resume")} {last_path}'
-
-
-def finite_weights(model):
-    """Whether every floating-point weight and buffer of model is finite."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def prepare_demo_data(args, ctx):
@@ -849,16 +741,16 @@ def main(argv=None):
                 logger.info(f'{name} on {device} x{ctx.world_size}: ' + ' '.join(sys.argv[1:]))
                 trainer = Trainer(args, trial, ctx, device, logger, cache_scope)
                 best = trainer.fit(stop)
-                selection = (f'best Rank-1 {best:.2%} at epoch {trainer.best_epoch}'
-                             if trainer.best_epoch >= 0 else
+                selection = (f'best Rank-1 {best:.2%} at epoch {trainer.checkpoints.best_epoch}'
+                             if trainer.checkpoints.best_epoch >= 0 else
                              f'no evaluation ({flag("eval_every")} {args.eval_every}): best = the '
                              f'final weights, epoch {args.epochs - 1}')
-                logger.info(f'{name} done: {selection}; checkpoints {trainer.best_path}, '
-                            f'{trainer.last_path}')
+                logger.info(f'{name} done: {selection}; checkpoints {trainer.checkpoints.best_path}, '
+                            f'{trainer.checkpoints.last_path}')
     except Interrupted:
         if ctx.is_main:
-            hint = continue_hint(args, trainer.last_path)
-            print(f'interrupted: saved {trainer.last_path}; {hint}', file=sys.stderr)
+            hint = continue_hint(args, trainer.checkpoints.last_path)
+            print(f'interrupted: saved {trainer.checkpoints.last_path}; {hint}', file=sys.stderr)
         return 130
     finally:
         if ctx.enabled and not joined and dist.is_initialized():

@@ -454,12 +454,12 @@ class DARTCriterion(nn.Module):
 
     def start_epoch(self, epoch, run):
         """Before each epoch's first step (the trainer): the division, when the epoch needs one.
-        run: the Trainer (model, device, args, ctx, log, name, caches, train_set)."""
+        run: the Trainer (model, device, args, ctx, log, name, caches, loader)."""
         self.set_sizes({'visible': len(run.caches[0][1]), 'infrared': len(run.caches[1][1])})
         if not self.needs_division(epoch):
             return
         args, started = run.args, time.time()
-        self.divide_epoch(epoch, run.model, run.train_set, run.device,
+        self.divide_epoch(epoch, run.model, run.loader.dataset, run.device,
                           args.batch_size * args.num_pos, args.seed, args.amp, run.ctx.rank,
                           run.ctx.world_size, args.workers)
         clean = ', '.join(f'{name} {float((row >= self.threshold).float().mean()):.1%}'

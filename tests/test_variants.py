@@ -61,9 +61,13 @@ def test_released_variant_has_todays_keys_parameters_and_seeded_weights(dataset)
     model = build_model('deen', 7, dataset, pretrained=None, arch='resnet18')
     count, digest, parameters, total, weighted = fingerprint(model)
     expected = RELEASED_FINGERPRINTS[dataset]
-    assert (count, digest, parameters) == expected[:3]
-    assert total == pytest.approx(expected[3], abs=1e-6)
-    assert weighted == pytest.approx(expected[4], abs=1e-6)
+    assert (count, digest, parameters) == expected[:3]   # exact on every machine
+    # The seeded draws are float32: each parameter may differ by a few ulps (relative 1e-6) on
+    # another CPU, so each sum may move by 1e-6 of the sum of the parameters' magnitudes (0.26
+    # for LLCM); any other seed, layer or initialisation moves it by far more.
+    allowed = 1e-6 * sum(p.double().abs().sum().item() for p in model.parameters())
+    assert total == pytest.approx(expected[3], rel=0, abs=allowed)
+    assert weighted == pytest.approx(expected[4], rel=0, abs=allowed)
     assert model.switches == NetworkSwitches.released(dataset == 'regdb') == NetworkSwitches.of(dataset)
 
 
@@ -82,9 +86,13 @@ def test_released_variant_gives_todays_forward_numbers(dataset):
     with torch.no_grad():
         pool, feat = model(visible=images[:2], infrared=images[2:])
     weights = torch.arange(1, pool.numel() + 1, dtype=torch.float64).cos().reshape(pool.shape)
-    sums = ((pool.double() * weights).sum().item(), (feat.double() * weights).sum().item())
+    terms = (pool.double() * weights, feat.double() * weights)
     assert pool.shape == (12, model.embed_dim)
-    assert sums == pytest.approx(RELEASED_FORWARD[dataset], abs=1e-5)  # thread-count rounding
+    # A float32 forward: on another CPU or thread count each sum may move by 1e-5 of the sum
+    # of its terms' magnitudes (about 1e-3); another model seed moves them by 0.04 to 0.1.
+    for term, expected in zip(terms, RELEASED_FORWARD[dataset]):
+        allowed = 1e-5 * term.abs().sum().item()
+        assert term.sum().item() == pytest.approx(expected, rel=0, abs=allowed)
 
 
 def loss_inputs():
@@ -97,8 +105,10 @@ def loss_inputs():
 def test_cpm_and_orthogonal_terms_with_two_generated_embeddings_are_todays():
     pool, logits, labels = loss_inputs()
     _, parts = build_criterion('deen')(TrainOutput(pool, logits, orthogonal_loss(pool, 3)), labels)
+    # float32 losses recorded on another CPU: equal to float32 precision (relative 1e-5, or
+    # 1e-6 absolute for the small orthogonal term), not bit for bit
     assert {name: value.item() for name, value in parts.items()} == pytest.approx(
-        RELEASED_LOSS_PARTS, abs=1e-9)
+        RELEASED_LOSS_PARTS, rel=1e-5, abs=1e-6)
 
 
 def test_orthogonal_term_sums_every_pair_of_generated_embeddings():
