@@ -24,8 +24,8 @@ from utils import UserError, autocast_context, flag, written_atomically
 
 NETWORKS = ('net1', 'net2')
 THRESHOLD = 0.5   # run.py:376 (hard-coded; --p-threshold only feeds the printout)
-MARGIN = 0.3      # run.py:44 --margin
-# run.py:318,323 GaussianMixture(n_components=2, max_iter=100, tol=1e-2, reg_covar=5e-4)
+MARGIN = 0.3      # run.py:48 --margin
+# run.py:326,331 GaussianMixture(n_components=2, max_iter=100, tol=1e-2, reg_covar=5e-4)
 GMM_SETTINGS = dict(n_components=2, max_iter=100, tol=1e-2, reg_covar=5e-4)
 
 
@@ -42,10 +42,10 @@ class TwinOutput(NamedTuple):
 
 class TwinNetworks(nn.Module):
     """DART's two AGW networks as one module (state dict keys net1.*, net2.*), each built and
-    initialised in turn as the released run.py:186-189 builds net1 then net2. Forward API as
+    initialised in turn as the released run.py:187-188 builds net1 then net2. Forward API as
     model.TwoStreamNet's: train mode -> TwinOutput(net1's TrainOutput, net2's, indices), both
     networks on the same batch; eval mode -> (pool, feat), each the mean of the two networks'
-    L2-normalised features, not renormalised (run.py:420-424, 'feat' is the released test
+    L2-normalised features, not renormalised (run.py:424,439, 'feat' is the released test
     feature), k = 1 branch. `indices` (train mode): the training-set index of each row, passed
     through to the criterion (DDP runs the forward, so what the loss needs goes through it)."""
 
