@@ -1,18 +1,26 @@
 """DART: the clean-probability division, the co-divided losses (the four robust-triplet cases
-each on a constructed batch), the label noise, the twin network and the division order."""
+each on a constructed batch), the label noise, the twin network and the division order; training
+(warm-up then division, exact resume after the division, torchrun, SYSU-MM01 / RegDB / demo),
+its refusals and every tool on a DART checkpoint."""
+import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import training
 from data_loader import View
 from methods.dart import (DARTCriterion, Triplet, TwinNetworks, TwinOutput, anchor_triplet,
                           clean_positive, clean_probability, divide, division_order, draw,
                           inject_label_noise, layout_rows, min_max, noisy_training_labels,
                           robust_triplet_loss, view_offsets, weighted_identity_loss)
 from model import TrainOutput
+from tiny_runs import TINY, at_criterion_call, train_argv
+from utils import UserError, load_checkpoint
 
 CAJ_VIEWS = [View('visible', 'visible', None), View('visible_ca', 'visible', None),
              View('infrared', 'infrared', None)]
@@ -288,14 +296,6 @@ def test_train_set_gives_each_views_image_index_when_asked():
 
 
 # -- training, resume, refusals, tools ---------------------------------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-
-import training  # noqa: E402
-from tiny_runs import TINY, at_criterion_call, train_argv  # noqa: E402
-from utils import UserError, load_checkpoint  # noqa: E402
 
 # 2 epochs of 3 steps: epoch 0 the warm-up, epoch 1 starts with the division; the SIGTERM
 # arrives during the 5th step (epoch 1, step 1), after the division
