@@ -325,11 +325,14 @@ class CrossModalTrainSet(torch.utils.data.Dataset):
     augmentation draws come from torch's CPU generator seeded with `seed` (the sampler's), views
     drawn in order, and the generator's state is restored afterwards: a sample is the same in
     any worker or in the main process, and the training process's own random stream is never
-    touched. `views`: a list of View (training_views)."""
+    touched. `views`: a list of View (training_views). with_indices: each view's image index in
+    its stem's set follows the labels, (..., labels..., indices...), for a method whose loss
+    looks up per-image state (DART's clean probabilities)."""
 
-    def __init__(self, visible, infrared, views):
+    def __init__(self, visible, infrared, views, with_indices=False):
         self.caches = {'visible': visible, 'infrared': infrared}
         self.views = list(views)
+        self.with_indices = with_indices
 
     def __len__(self):
         return len(self.caches['visible'][1])
@@ -346,6 +349,8 @@ class CrossModalTrainSet(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(index[2])
             images = [self.augment(view, positions[view.stem]) for view in self.views]
         labels = [int(self.caches[view.stem][1][positions[view.stem]]) for view in self.views]
+        if self.with_indices:
+            return (*images, *labels, *(int(positions[view.stem]) for view in self.views))
         return (*images, *labels)
 
 

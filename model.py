@@ -660,7 +660,8 @@ def load_model_weights(model, state_dict):
     old checkpoints lack, may be missing). Otherwise one-sentence UserError."""
     state_dict = converted_state_dict(state_dict)
     expected = model.state_dict()
-    problem = weights_mismatch(expected, state_dict)
+    own_check = getattr(model, 'weights_problem', None)  # a network's own sentence (DART's twins)
+    problem = (own_check(state_dict) if own_check else '') or weights_mismatch(expected, state_dict)
     if problem:
         raise UserError(f'the checkpoint does not fit this {type(model).__name__} model: {problem}.')
     model.load_state_dict(state_dict)  # a plain dict: BatchNorm fills a missing num_batches_tracked

@@ -76,6 +76,10 @@ SOURCES = {
                   '66a3ab987c3f50633bafd727db8c6680c3bb7f68/README.md; SYSU-MM01 all-search',
     'lba-readme-weights': 'the same README, "Pretrained weights" table: its released SYSU-MM01 '
                           'weights (sysu_pretrained.t, release v1.0) tested with its test.py',
+    'readme-dart': 'released code README, section 4 "Results", DART row (LLCM run by the DEEN '
+                   'authors, their settings for it not published; DART itself publishes no LLCM '
+                   'numbers), '
+                   + _RELEASED_README.format(commit='da479253b3c7a8177fbe7f6893a01d9e70c787ac'),
 }
 
 # The published numbers, in %: (method, dataset, setting) -> {source: {metric: value}}. Settings
@@ -134,6 +138,10 @@ PUBLISHED = {
         'readme-lba': {'Rank-1': 42.76, 'Rank-10': 77.40, 'Rank-20': 86.11, 'mAP': 50.95}},
     ('lba', 'llcm', 'released_vis_to_ir'): {
         'readme-lba': {'Rank-1': 54.78, 'Rank-10': 85.12, 'Rank-20': 91.63, 'mAP': 40.81}},
+    ('dart', 'llcm', 'ir_to_vis'): {
+        'readme-dart': {'Rank-1': 52.97, 'Rank-10': 80.82, 'Rank-20': 87.05, 'mAP': 59.28}},
+    ('dart', 'llcm', 'released_vis_to_ir'): {
+        'readme-dart': {'Rank-1': 65.33, 'Rank-10': 89.42, 'Rank-20': 93.33, 'mAP': 51.13}},
 }
 # The published RegDB numbers name only the direction; they stand beside both stem routings.
 PUBLISHED_AS = {'released_routing_vis_to_ir': 'vis_to_ir',

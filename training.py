@@ -300,7 +300,7 @@ class Trainer:
             self.log.info(f'{flag("resume")} auto: no {self.checkpoints.last_path} yet, a new run '
                           f'starts')
         self.caches, self.loader, self.sampler, self.loader_generator = training_data(
-            args, lists, self.views, ctx, device, folder_writer(cache_scope, ctx))
+            args, lists, self.views, ctx, device, folder_writer(cache_scope, ctx), run=self)
         self.log.info(f'{self.name}: {self.num_classes} identities, {len(self.caches[0][1])} '
                       f'visible and {len(self.caches[1][1])} infrared training images, '
                       f'{self.sampler.batches} batches of {args.batch_size}x{args.num_pos}, '
@@ -415,8 +415,10 @@ class Trainer:
         visible = visible.to(device, non_blocking=True, memory_format=memory_format)
         infrared = infrared.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        extra = ({'indices': stem_indices(self.views, batch).to(device)}
+                 if self.method.needs_indices else {})
         with autocast_context(device, args.amp):
-            output = self.method.forward_train(self.train_model, visible, infrared, labels)
+            output = self.method.forward_train(self.train_model, visible, infrared, labels, **extra)
             loss, parts = self.criterion(output, labels)
         values = self._reduce([loss.detach().float()] +
                               [torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -534,10 +536,12 @@ def wrapped_for_training(model, args, ctx, device):
     return torch.compile(model) if args.compile else model
 
 
-def training_data(args, lists, views, ctx, device, builds_cache):
+def training_data(args, lists, views, ctx, device, builds_cache, run=None):
     """(caches, loader, sampler, the loader's generator) of a run's training images. builds_cache:
     whether this process builds the cache (rank 0, or the first process of each node when every
-    node has its own --cache-dir); the others wait and read it."""
+    node has its own --cache-dir); the others wait and read it. run: the Trainer, whose method
+    may change the training labels (Method.training_caches: DART's label noise) and read each
+    row's image index (Method.needs_indices)."""
     size = (args.img_w, args.img_h)
     if builds_cache:
         for modality in MODALITIES:
@@ -546,7 +550,10 @@ def training_data(args, lists, views, ctx, device, builds_cache):
         dist.barrier()
     caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
               for m in MODALITIES]
-    dataset = CrossModalTrainSet(*caches, views)
+    method = run.method if run is not None else None
+    if method is not None:
+        caches = method.training_caches(args, caches, run)
+    dataset = CrossModalTrainSet(*caches, views, with_indices=bool(method and method.needs_indices))
     sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                               seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
     # its own generator: creating the workers draws nothing from the training process's RNG
@@ -577,6 +584,14 @@ def stem_batches(views, batch):
     visible, infrared = (torch.cat([images[i] for i in by_stem[stem]]) for stem in MODALITIES)
     order = by_stem['visible'] + by_stem['infrared']
     return visible, infrared, torch.cat([labels[i] for i in order])
+
+
+def stem_indices(views, batch):
+    """The image index of each row of a loader batch that carries them (CrossModalTrainSet
+    with_indices: after the labels), rows in stem_batches' order."""
+    indices = batch[2 * len(views):]
+    by_stem = {stem: [i for i, view in enumerate(views) if view.stem == stem] for stem in MODALITIES}
+    return torch.cat([indices[i] for i in by_stem['visible'] + by_stem['infrared']])
 
 
 def history_path(log_path, name):

@@ -2,6 +2,7 @@
 its network, training views, criterion, recipe, per-epoch state, test features and fusions
 (methods/base.py says what a method declares). Adding a method adds its module and one entry here."""
 from methods.agw import AGW_METHOD, CAJ_METHOD
+from methods.dart import DART_METHOD
 from methods.ddag import DDAG_METHOD
 from methods.deen import DEEN_METHOD
 from methods.lba import LBA_METHOD
@@ -10,7 +11,7 @@ from model import backbone_state_dict
 from utils import UserError
 
 METHODS = {method.name: method for method in (DEEN_METHOD, AGW_METHOD, CAJ_METHOD, DDAG_METHOD,
-                                             MMN_METHOD, LBA_METHOD)}
+                                             MMN_METHOD, LBA_METHOD, DART_METHOD)}
 
 
 def get_method(name):

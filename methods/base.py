@@ -36,6 +36,8 @@ class Method:
     named_recipes = {}               # reproduce.py's rows besides the method itself: name -> flags
     own_flags = ()                   # train.py dests that only this method takes
     head_prefixes = ('bottleneck.', 'classifier.')  # parameters trained at the base lr
+    needs_indices = False            # the criterion reads each row's training-set index (DART):
+                                     # forward_train gets them as indices=
     fusions = POOL_FEAT_FUSIONS      # what test.py reports: name -> weights or callable (with
                                      # a distance_bound: visualize.py's histogram range)
     headline = 'pool+feat'           # the fusion of model selection and of the comparisons
@@ -86,6 +88,11 @@ class Method:
     def build_criterion(self, args, views):
         """criterion(output, labels) -> (total, parts); see the class docstring."""
         raise NotImplementedError
+
+    def training_caches(self, args, caches, run):
+        """The training caches [(images, labels) visible, (images, labels) infrared] the run
+        trains on (DART injects its label noise here); run: the Trainer (log, name, ctx)."""
+        return caches
 
     def forward_train(self, model, visible, infrared, labels):
         """The training forward pass of a step (labels of the views in order)."""
