@@ -1,4 +1,4 @@
-"""Export a trained DEEN/AGW checkpoint to ONNX (one modality's stem, or both in one graph) with
+"""Export a trained checkpoint (any method) to ONNX (one modality's stem, or both in one graph) with
 test.py's features as output, and check the file against PyTorch with onnxruntime right away."""
 import os
 import sys

@@ -1,4 +1,4 @@
-"""The inference layer every tool builds on: a checkpoint (ours, or a released DEEN/AGW `.t` file)
+"""The inference layer every tool builds on: a checkpoint (ours of any method, or a released DEEN/AGW `.t` file)
 -> an eval-ready model -> flip-TTA features of image lists (one forward pass per distinct image,
 sharded across torchrun processes) -> fused query-gallery distances; features saved and read back;
 the small Python API over it (ReIDModel, rank_gallery, image_files)."""
@@ -358,7 +358,7 @@ def image_paths(paths, dest):
 
 
 class ReIDModel:
-    """A trained DEEN/AGW network with test.py's test-time settings. `model` is the eval-mode
+    """A trained network (any method) with test.py's test-time settings. `model` is the eval-mode
     network, `info` what load_trained_model tells of the checkpoint, `settings` the image size,
     images per forward pass (batch_size), data-loading processes (workers), amp, channels_last
     and compile (torch.compile the network) that embed uses."""

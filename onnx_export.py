@@ -1,4 +1,4 @@
-"""ONNX export of a trained DEEN/AGW network as test.py uses it (eval mode, flip test-time
+"""ONNX export of a trained network (any method) as test.py uses it (eval mode, flip test-time
 augmentation inside the graph, per-branch L2-normalised (pooled, BNNeck) features), and its check
 against PyTorch with onnxruntime."""
 import copy

@@ -70,7 +70,8 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the current step finished and `last` was saved."""
 
 
-DESCRIPTION = ('Train DEEN (any of its ablation variants), or the AGW, CAJ or MMN baseline, on '
+DESCRIPTION = ('Train DEEN (any of its ablation variants) or a baseline of its LLCM benchmark '
+               '(AGW, CAJ, DDAG, MMN, LbA, DART) on '
                'SYSU-MM01, RegDB, LLCM or the embedded demo dataset: one process or many '
                '(torchrun, DDP), mixed precision, exact resume and atomic checkpoints.')
 
