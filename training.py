@@ -19,14 +19,17 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import CrossModalTrainSet, load_or_build_cache, training_views
-from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
+from data_loader import CrossModalTrainSet, training_views
+from data_manager import DATASETS, MODALITIES
 from loss import build_criterion
 from model import (ATTENTIONS, BACKBONES, DEE_STAGES, SWITCHES, NetworkSwitches, build_model,
                    load_model_weights, uses_pretrained)
 from evaluation import selection_rank1, selection_split
 from inference import CHECKPOINT_FORMAT, inference_model
 from provenance import run_provenance
+from sources import (add_source_args, cache_dir_of, check_data_folders, evaluation_layout,
+                     fill_paths, load_source_caches, recipe_overrides, recorded_sources,
+                     resolve_sources, training_lists)
 from utils import (AverageMeter, IdentitySampler, UserError, __version__, add_runtime_args,
                    autocast_context, epoch_seed, fill_runtime_defaults, first_sentence, flag,
                    from_main_process, gathered, load_checkpoint, manual_parser, rng_state,
@@ -176,6 +179,7 @@ def build_parser():
                         'TensorBoard')
     output.add_argument('--resume', help='a checkpoint, "last" (this run\'s last) or "auto" (last '
                         'when it exists, else a new run: for torchrun --max-restarts)')
+    add_source_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -186,8 +190,9 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
+    resolve_sources(args)
     recipe = {**RUN_DEFAULTS, **METHOD_DEFAULTS[args.method]}
-    recipe.update(DATASET_OVERRIDES.get(args.dataset, {}).get(args.method, {}))
+    recipe.update(recipe_overrides(args, DATASET_OVERRIDES))
     given = [name for name in ADP_FLAGS if getattr(args, name, None) is not None]
     if given and args.method == 'deen':
         raise UserError(f'{flag(given[0])} sets the ADP triplet of {flag("method")} agw and caj; '
@@ -199,8 +204,7 @@ def resolve_defaults(args):
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
-    args.cache_dir = args.cache_dir or args.data_path
+    fill_paths(args)
     fill_runtime_defaults(args)
     check_training_flags(args)
     resolve_network(args)
@@ -322,7 +326,12 @@ def set_learning_rate(optimizer, lr):
 
 
 def run_name(args, trial):
-    return f'{args.dataset}_{args.method}' + (f'_trial{trial}' if args.dataset == 'regdb' else '')
+    return f'{args.dataset}_{args.method}' + (f'_trial{trial}' if trains_on_regdb(args) else '')
+
+
+def trains_on_regdb(args):
+    """Whether RegDB is the dataset, or one of the --sources, of the run (its split names it)."""
+    return 'regdb' in args.dataset.split('+')
 
 
 class StopRequest:
@@ -354,10 +363,11 @@ class Trainer:
     def __init__(self, args, trial, ctx, device, logger, cache_scope='all'):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
-        self.layout = layout_of(args.dataset)
+        self.layout = evaluation_layout(args)
         self.provenance = run_provenance(args, ctx, device)  # recorded in every checkpoint
         self.best_path, self.last_path = checkpoint_paths(args, trial)
-        lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
+        parts, lists = training_lists(args, int(self.trial))
+        self.sources = recorded_sources(args, parts)  # None for one dataset
         self.num_classes = num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
@@ -387,7 +397,7 @@ class Trainer:
             self._resume(path)
         elif args.resume:
             self.log.info(f'{flag("resume")} auto: no {self.last_path} yet, a new run starts')
-        self.loader, self.sampler = self._build_data(lists, folder_writer(cache_scope, ctx))
+        self.loader, self.sampler = self._build_data(parts, folder_writer(cache_scope, ctx))
         if self.interrupted is not None:
             self._continue_epoch(self.interrupted)
         self.train_model = self._wrap(model)
@@ -395,18 +405,14 @@ class Trainer:
         self.writer = self._tensorboard()
 
     # -- setup ------------------------------------------------------------------------------
-    def _build_data(self, lists, builds_cache):
-        """(loader, sampler); builds_cache: whether this process builds the cache (rank 0, or the
-        first process of each node when every node has its own --cache-dir), the others wait
-        and read it."""
+    def _build_data(self, parts, builds_cache):
+        """(loader, sampler) of the sources' [SourceLists]; builds_cache: whether this process
+        builds the caches (rank 0, or the first process of each node when every node has its own
+        --cache-dir), the others wait and read them."""
         args, ctx = self.args, self.ctx
         size = (args.img_w, args.img_h)
-        if builds_cache:
-            for modality in MODALITIES:
-                load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
-        self._barrier()
-        caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
-                  for m in MODALITIES]
+        caches = load_source_caches(args, parts, size, builds_cache, max(args.workers, 1),
+                                    self._barrier)
         dataset = CrossModalTrainSet(*caches, self.views)
         sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                                   seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
@@ -534,7 +540,7 @@ class Trainer:
             'best_rank1': self.best_rank1, 'best_epoch': self.best_epoch,
             'rng': {'world_size': self.ctx.world_size, 'ranks': gathered(rng_state(), self.ctx)},
             'epoch_progress': progress, 'evaluation_pending': pending,
-            'metrics': metrics or {}, 'args': plain_args(self.args),
+            'metrics': metrics or {}, 'args': plain_args(self.args), 'sources': self.sources,
             'network': recorded_switches(self.args),
             'provenance': self.provenance,
         }
@@ -771,7 +777,7 @@ def save_args(args, name):
 
 
 def trials_to_run(args):
-    if args.dataset != 'regdb':
+    if not trains_on_regdb(args):
         return [1]
     return list(range(1, 11)) if args.trial == 'all' else [int(args.trial)]
 
@@ -858,15 +864,15 @@ def check_run(args, ctx):
     --model_path, and --cache-dir shared by all processes or one per node where a cache must be
     built. Raises UserError naming the flag. Returns the scope of --cache-dir ('all' or 'node',
     checks.check_shared_folders), which says who builds the cache."""
-    check_data_folder(args.data_path, args.dataset)
+    check_data_folders(args, check_data_folder)
     check_output_folder(args.log_path, 'log_path', 'logs')
     check_output_folder(args.model_path, 'model_path', 'checkpoints')
     if uses_pretrained(args.pretrained) and args.pretrained.lower() != 'imagenet':
         check_torch_file(args.pretrained, 'pretrained')
-    layout, size = layout_of(args.dataset), (args.img_w, args.img_h)
+    layout, size = evaluation_layout(args), (args.img_w, args.img_h)
     files, network, builds = [], None, False
     for trial in trials_to_run(args):
-        lists = train_image_lists(layout, args.data_path, trial=trial)
+        parts, lists = training_lists(args, trial)
         IdentitySampler(lists['visible'].pids, lists['infrared'].pids, args.batch_size,
                         args.num_pos)  # enough identities per batch
         num_classes = identity_count(lists)
@@ -881,13 +887,16 @@ def check_run(args, ctx):
             check_resume_state(state, path, args, num_classes,
                                None if args.resume == 'auto' else args.epochs)
             check_resume_network(state, path, args)
-        builds |= check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
+        for part in parts:
+            builds |= check_cache_build([part.lists[m] for m in MODALITIES],
+                                        cache_dir_of(args, part), size)
         files += [best, last]
     needed = checkpoint_space(files, checkpoint_estimate(network, args.optim))
     check_free_space(args.model_path, 'model_path', needed, 'the checkpoints of this run')
     folders = [('model_path', args.model_path, 'the checkpoints', False)]
     if any(gathered(builds, ctx)):  # a process would build the cache: who sees it matters
-        folders.append(('cache_dir', args.cache_dir, 'the training cache', True))
+        folders.append(('cache_dir', args.cache_dir or cache_dir_of(args, parts[0]),
+                        'the training cache', True))
     return check_shared_folders(folders, ctx).get('cache_dir', 'all')
 
 
