@@ -17,6 +17,7 @@ from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_dist
                        inference_model, load_trained_model, method_fusions)
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
+from sources import check_inferred_dataset, cross_dataset_header, cross_dataset_record
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    load_checkpoint, manual_parser, written_atomically)
 
@@ -25,10 +26,11 @@ RESULTS_FORMAT = 'deen-vireid-results'
 RANKS = (1, 5, 10, 20)
 
 
-def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False):
-    """[(setting name, trial, query, gallery)] for every direction (and SYSU mode) and trial."""
+def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False, directions=None):
+    """[(setting name, trial, query, gallery)] for every direction (default: all of the
+    dataset's; tested_directions) and SYSU mode, and trial."""
     splits = []
-    for direction in dataset_facts(layout).directions:
+    for direction in directions or dataset_facts(layout).directions:
         for mode in (modes if layout == 'sysu' else ('all',)):
             name = f'{mode} {direction}' if layout == 'sysu' else direction
             for trial in trials:
@@ -36,6 +38,13 @@ def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False)
                                                multi_shot=multi_shot)
                 splits.append((name, trial, query, gallery))
     return splits
+
+
+def tested_directions(layout, released_routing=False):
+    """The directions test.py evaluates: the dataset's, RegDB's released routing (each image
+    through the other stem: a second pass of every image) only with --released-routing."""
+    return tuple(direction for direction in dataset_facts(layout).directions
+                 if released_routing or direction not in OTHER_STEM_DIRECTIONS)
 
 
 def evaluate_store(store, layout, splits, fusions=FUSIONS):
@@ -149,14 +158,17 @@ def run_protocol(args, device, ctx):
     models = []
     for group in trial_groups(args, layout):
         path = checkpoint_for_trial(args.resume, group[0])
-        model, info = load_trained_model(path, args.dataset, device)
-        models.append({'checkpoint': path, 'trials': list(group),
+        model, info = load_trained_model(path, args.dataset, device,
+                                         cross_dataset=args.cross_dataset)
+        models.append({'checkpoint': path, 'trials': list(group), 'trained_on': info['dataset'],
+                       'sources': info['sources'],
                        **{key: info[key] for key in ('method', 'arch', 'epoch', 'seed',
                                                      'provenance')}})
         args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
         check_network_input(model, info['method'], args.img_h, args.img_w)  # before any image
         model = inference_model(model, args)
-        splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot)
+        splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot,
+                                 tested_directions(layout, args.released_routing))
         fusions = method_fusions(info['method'])
         trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx, fusions)
         for name, by_fusion in trial_results.items():
@@ -220,6 +232,12 @@ def add_test_args(parser):
                       'gallery trial 0..9 or all')
     data.add_argument('--multi-shot', action='store_true',
                       help='SYSU-MM01 multi-shot gallery (10 images per identity and camera)')
+    data.add_argument('--released-routing', action='store_true',
+                      help='RegDB: also the released test script\'s routing (each image through '
+                      'the other modality\'s stem; a second pass of every image)')
+    data.add_argument('--cross-dataset', action='store_true',
+                      help='test a checkpoint trained on other datasets with --dataset\'s '
+                      'protocol (the classifier is unused)')
     model = parser.add_argument_group('model')
     model.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} in '
                        'the path to use each split\'s own model')
@@ -259,6 +277,7 @@ def resolve_dataset(args):
     if args.dataset is None:
         path = checkpoint_for_trial(args.resume, args.trial if str(args.trial).isdigit() else 1)
         args.dataset, how = checkpoint_dataset(load_checkpoint(path), path, required=True)
+        check_inferred_dataset(args.dataset, path)
         note = f'dataset {args.dataset}: {how} (pass --dataset to override)'
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     return note
@@ -276,11 +295,15 @@ def run_test(args, device, ctx):
     summaries, counts, models, reranked = run_protocol(args, device, ctx)
     if not ctx.is_main:
         return None
+    crossed = cross_dataset_record(args.dataset, models)
+    if crossed:
+        print(cross_dataset_header(crossed) + '\n')
     print(format_results(args.dataset, summaries, reranked, rerank_params(args)))
     print(f'{counts["images"]} distinct test images, each passed once with its flip '
           f'({counts["forward_passes"]} batches); running the released script once per setting '
           f'would decode {counts["separate_extraction_images"]} images.')
     record = results_record(args, summaries, counts, models, run_provenance(args, ctx, device))
+    record['cross_dataset'] = crossed
     if args.rerank:
         record['reranked'] = {**rerank_record(rerank_params(args)), 'results': reranked}
     output = results_path(args)
@@ -300,7 +323,7 @@ def check_test_inputs(args):
     for group in trial_groups(args, layout):
         check_torch_file(checkpoint_for_trial(args.resume, group[0]), 'resume')
         splits = protocol_splits(layout, args.data_path, group, search_modes(args.mode),
-                                 args.multi_shot)
+                                 args.multi_shot, tested_directions(layout, args.released_routing))
         check_images_exist([lst for _, _, query, gallery in splits for lst in (query, gallery)],
                            'test')
         if args.save_features:

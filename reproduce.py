@@ -165,6 +165,7 @@ class Part:
                 '--trial', str(self.trial) if self.dataset == 'regdb' else 'all',
                 '--workers', str(args.workers), '--test-batch', str(args.test_batch),
                 '--amp', args.amp]
+        argv += ['--released-routing'] if self.dataset == 'regdb' else []  # the paper's numbers
         argv += ['--device', args.device] if args.device else []
         argv += ['--gpu', str(args.gpu)] if args.gpu is not None else []
         return argv + [f'--{flag.replace("_", "-")}' for flag in
