@@ -131,12 +131,13 @@ def parse_trials(trial, layout):
 
 
 def trial_groups(args, layout):
-    """The trials tested with one model each: RegDB one split per model ({trial} in --resume),
-    SYSU-MM01 and LLCM all gallery trials with the one model."""
+    """The trials tested with one model each: RegDB one split per model ({trial} in --resume;
+    a cross-dataset test may test every split with one model, as L2RW does), SYSU-MM01 and LLCM
+    all gallery trials with the one model."""
     trials = parse_trials(args.trial, layout)
     if layout != 'regdb':
         return [trials]
-    if len(trials) > 1 and '{trial}' not in args.resume:
+    if len(trials) > 1 and '{trial}' not in args.resume and not args.cross_dataset:
         raise UserError('RegDB tests each split with the model trained on it: put {trial} in '
                         '--resume (e.g. save_model/regdb_deen_trial{trial}_best.pth) or pass --trial N.')
     if len(trials) > 1 and args.save_features and '{trial}' not in args.save_features:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+import cross_tables
 import figures
 import training
 from data_manager import DATASETS, dataset_facts
@@ -41,10 +42,12 @@ def build_parser():
     table.add_argument('--dataset', choices=(*DATASETS, 'all'),
                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
                        'or --sweep: narrows the datasets they run on)')
-    table.add_argument('--table', default='main', choices=('main', *ABLATION_TABLES),
+    table.add_argument('--table', default='main',
+                       choices=('main', *ABLATION_TABLES, *cross_tables.TABLES),
                        help='main: the results table of --dataset; components, dee-stage, '
                        'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
-                       'SYSU-MM01 (--dataset narrows)')
+                       'SYSU-MM01 (--dataset narrows); cross-dataset: train on two datasets, test '
+                       'on the third (L2RW); transfer: train on each, test on each (any --method)')
     table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
@@ -61,6 +64,7 @@ def build_parser():
                       help='training seeds; with several, ours is the mean over all of them')
     runs.add_argument('--trials', type=int, nargs='+',
                       help='RegDB splits to run (default: all ten)')
+    cross_tables.add_table_args(runs)
     output = parser.add_argument_group('output')
     output.add_argument('--out', default=os.path.join('runs', 'reproduce'),
                         help='folder of the checkpoints, logs, results files and comparisons')
@@ -77,7 +81,10 @@ EXTRA_PARSERS = (training.build_parser,)
 
 def parse_args(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
-    check_ablation_args(args, train_flags)
+    if args.table in cross_tables.TABLES:
+        cross_tables.check_args(args, train_flags)
+    else:
+        check_ablation_args(args, train_flags)
     check_args(args, train_flags)
     args.train_flags = train_flags
     return args
@@ -310,6 +317,8 @@ def shared_statuses(plan, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table in cross_tables.TABLES:
+        return cross_tables.main(args)
     plan = make_plan(args)
     device, ctx = setup_runtime(plan[0].train_args)
     try:

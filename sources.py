@@ -263,7 +263,8 @@ def check_inferred_dataset(trained_on, path):
 def cross_dataset_record(dataset, models):
     """The results file's 'cross_dataset' entry of a test on `dataset` (None when every model
     tested was trained on it): the target and each checkpoint's sources."""
-    crossed = [model for model in models if is_cross_dataset(model['trained_on'], dataset)]
+    crossed = list({model['checkpoint']: model for model in models
+                    if is_cross_dataset(model['trained_on'], dataset)}.values())
     if not crossed:
         return None
     return {'tested_on': dataset, 'protocol': dataset_facts(dataset).title,
