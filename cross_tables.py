@@ -177,8 +177,9 @@ def training_status(run):
 def tested(results, checkpoint):
     """Whether results is a results file of checkpoint, written after it."""
     record = read_results(results)
-    return (record is not None and os.path.abspath(record['checkpoint']) ==
-            os.path.abspath(checkpoint) and os.path.getmtime(results) >= os.path.getmtime(checkpoint))
+    return (record is not None
+            and os.path.abspath(record['checkpoint']) == os.path.abspath(checkpoint)
+            and os.path.getmtime(results) >= os.path.getmtime(checkpoint))
 
 
 def format_plan(plan, statuses):

@@ -339,11 +339,13 @@ def results_record(args, summaries, counts, models, made):
     training provenance, this run's provenance), the summaries and the extraction counts."""
     layout = layout_of(args.dataset)
     trials = sorted({t for model in models for t in model['trials']})
+    one_model = len({model['checkpoint'] for model in models}) < len(trials)  # cross-dataset RegDB
     protocol = {'trials': trials, 'multi_shot': bool(args.multi_shot), 'img_h': args.img_h,
                 'img_w': args.img_w,
                 'fusions': {name: list(w) for model in models
                             for name, w in method_fusions(model['method']).items()},
-                'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot)
+                'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot,
+                                                    one_model=one_model)
                              for name in summaries}}
     return {'format': RESULTS_FORMAT, 'dataset': args.dataset, 'data_path': args.data_path,
             'checkpoint': args.resume, 'protocol': protocol, 'results': summaries,
@@ -393,9 +395,10 @@ MODALITY_NAMES = {'visible': ('VIS', 'visible'), 'infrared': ('IR', 'infrared')}
 RELEASED_NAMES = {'released_vis_to_ir': ' (what the released test.py calls "VIS to IR")'}
 
 
-def describe_setting(layout, name, trials, multi_shot=False, fusion=None):
+def describe_setting(layout, name, trials, multi_shot=False, fusion=None, one_model=False):
     """The exact protocol of a setting in words: direction, search mode, what query and gallery
-    hold (single- or multi-shot), the stems, the trials and (when given) the fusion."""
+    hold (single- or multi-shot), the stems, the trials and (when given) the fusion; one_model:
+    RegDB's splits were tested with one model (a cross-dataset test), not each with its own."""
     facts = dataset_facts(layout)
     direction = setting_direction(name)
     (query_modality, query_draw), (gallery_modality, gallery_draw) = DIRECTION_PLANS[direction]
@@ -410,7 +413,8 @@ def describe_setting(layout, name, trials, multi_shot=False, fusion=None):
     if direction in OTHER_STEM_DIRECTIONS:
         parts.append('each image through the other modality\'s stem (released test.py)')
     if facts.trials is not None:
-        parts.append(f'{trials} split{"s" if trials != 1 else ""}, each with its own model')
+        models = 'one model' if one_model else 'each with its own model'
+        parts.append(f'{trials} split{"s" if trials != 1 else ""}, {models}')
     else:
         parts.append(f'{trials} gallery trial{"s" if trials != 1 else ""}')
     if fusion:

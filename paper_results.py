@@ -377,17 +377,19 @@ def transfer_numbers(records, setting, fusion):
     of one training and target, or None without a record."""
     if not records:
         return None
-    return {metric: 100 * float(np.mean([value for record in records
-                                         for value in record['results'][setting][fusion][metric][2]]))
-            for metric in ('Rank-1', 'mAP')}
+    by_metric = {metric: [value for record in records
+                          for value in record['results'][setting][fusion][metric][2]]
+                 for metric in ('Rank-1', 'mAP')}
+    return {metric: 100 * float(np.mean(values)) for metric, values in by_metric.items()}
 
 
 def cross_dataset_markdown(method, rows, fusion):
     """The leave-one-out table: per protocol ours (mean over trials and seeds), L2RW's and the
     difference; rows: [{protocol, seeds, ours, published}]."""
-    lines = [f'### {method}: trained on two datasets, tested on the third (IR→VIS, fusion {fusion}, %)',
-             '', '| protocol | seeds | ours Rank-1 | ours mAP | L2RW Rank-1 | L2RW mAP | Δ Rank-1 | Δ mAP |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = [f'### {method}: trained on two datasets, tested on the third (IR→VIS, fusion '
+             f'{fusion}, %)', '',
+             '| protocol | seeds | ours Rank-1 | ours mAP | L2RW Rank-1 | L2RW mAP | Δ Rank-1 '
+             '| Δ mAP |', '|---|---|---|---|---|---|---|---|']
     for row in rows:
         ours, paper = row['ours'] or {}, row['published'] or {}
         delta = {m: ours[m] - paper[m] for m in ('Rank-1', 'mAP') if m in ours and m in paper}

@@ -27,7 +27,8 @@ TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
 # train.py flags that reproduce.py sets for each part, and what to use instead
 CONTROLLED = {'--dataset': '--dataset', '--method': '--method', '--seed': '--seeds',
               '--trial': '--trials', '--resume': 're-running the same command',
-              '--model_path': '--out', '--log_path': '--out'}
+              '--model_path': '--out', '--log_path': '--out', '--sources': '--table cross-dataset',
+              '--eval-dataset': '--table cross-dataset'}
 
 
 def build_parser():

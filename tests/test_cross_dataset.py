@@ -194,7 +194,8 @@ def test_resume_of_a_multi_source_run_gives_the_uninterrupted_weights(sysu_root,
     (['sysu:{sysu}', 'regdb:{regdb}'], ['--trial', '11'], '--trial must be a RegDB split 1..10'),
     (['sysu:{sysu}', 'regdb:{regdb}'], ['--trial', 'all'], 'trains on one RegDB split'),
     (['sysu:{sysu}'], [], '--sources needs two or more datasets'),
-    (['sysu:{sysu}', 'regdb:{regdb}'], ['--eval-every', '1'], 'has no target unless --eval-dataset'),
+    (['sysu:{sysu}', 'regdb:{regdb}'], ['--eval-every', '1'],
+     'has no target unless --eval-dataset'),
 ])
 def test_bad_sources_are_refused_in_one_sentence_before_any_cache(sources, extra, message,
                                                                    sysu_root, regdb_root,
@@ -246,3 +247,34 @@ def test_regdb_numbers_are_the_same_with_and_without_the_released_routing(regdb_
         assert by_fusion == routed['results'][setting]
     assert 2 * plain['counts']['images'] == routed['counts']['images']
     assert 2 * plain['counts']['forward_passes'] == routed['counts']['forward_passes']
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--sources', 'regdb', 'sysu'], dict(epochs=151, eval_every=0, erasing=(0.02, 0.4))),
+    (['--sources', 'regdb', 'sysu', '--recipe', 'l2rw'],
+     dict(epochs=30, eval_every=0, erasing=(0.2, 0.8))),
+    (['--dataset', 'llcm', '--recipe', 'l2rw'], dict(epochs=30, eval_every=0, erasing=(0.2, 0.8))),
+    (['--dataset', 'llcm', '--method', 'caj', '--recipe', 'l2rw'],
+     dict(epochs=30, adp_square=0, erasing=(0.02, 0.4))),
+    (['--sources', 'llcm', 'sysu', '--recipe', 'l2rw', '--epochs', '5'], dict(epochs=5)),
+    (['--sources', 'llcm', 'sysu', '--eval-dataset', 'regdb:/r'],
+     dict(eval_every=1, eval_dataset='regdb', data_path='/r')),
+])
+def test_the_recipe_rule_of_several_datasets_and_l2rw(argv, expected):
+    args = training.parse_args(argv)
+    for name, value in expected.items():
+        assert getattr(args, name) == value, name
+
+
+def test_regdb_as_a_target_is_tested_on_every_split_with_one_model(regdb_root, tmp_path):
+    checkpoint = tmp_path / 'sysu.pth'
+    seeded_checkpoint(checkpoint, 'sysu', num_classes=6)
+    output = tmp_path / 'results.json'
+    assert test_script.main(['--dataset', 'regdb', '--data-path', str(regdb_root), '--resume',
+                             str(checkpoint), '--cross-dataset', '--device', 'cpu', '--workers',
+                             '0', '--output', str(output)]) == 0
+    record = json.load(open(output))
+    assert record['protocol']['trials'] == list(range(1, 11))
+    assert '10 splits, one model' in record['protocol']['settings']['ir_to_vis']
+    assert len(record['cross_dataset']['trained_on']) == 1
+    assert record['cross_dataset']['trained_on'][0]['sources'] == [{'dataset': 'sysu'}]
