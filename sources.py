@@ -233,8 +233,8 @@ def trained_datasets(name):
 def is_cross_dataset(trained_on, dataset):
     """Whether testing on `dataset` a checkpoint trained on `trained_on` (a dataset or 'a+b') is
     a cross-dataset test: anything but one dataset of the same layout (demo is LLCM's)."""
-    if trained_on == dataset:  # its own dataset (the tools that take it from the checkpoint)
-        return False
+    if trained_on is None or trained_on == dataset:  # unknown (a released checkpoint whose
+        return False                                 # class count names none), or its own
     names = trained_datasets(trained_on)
     return len(names) > 1 or layout_of(names[0]) != layout_of(dataset)
 

@@ -11,6 +11,7 @@ released evaluation). Each side runs in its own process; the wall times and thei
 printed."""
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,9 +56,14 @@ def write_checkpoint(path, args, num_classes):
 
 
 def timed(command):
+    """(wall seconds, CPU seconds: user + system) of a command run to its end; the CPU time
+    stands where other jobs share the machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def released_run(args, folder, checkpoint):
@@ -130,11 +136,14 @@ def main():
                           '--released-run', folder, checkpoint.format(trial=1)])
     print(f'{args.arch} {args.img_h}x{args.img_w} on {args.device}, {args.workers} workers, '
           f'torch {torch.__version__}, {torch.get_num_threads()} threads')
-    print(f'test.py (standard settings):       {ours:8.1f} s')
-    print(f'test.py --released-routing:        {routed:8.1f} s')
-    print(f'released script\'s work (2 runs):   {released:8.1f} s')
-    print(f'ratio released / test.py: {released / ours:.1f}x (with --released-routing: '
-          f'{released / routed:.1f}x)')
+    print(f'{"":34}{"wall s":>9}{"CPU s":>9}')
+    for name, (wall, cpu) in (('test.py (standard settings)', ours),
+                              ('test.py --released-routing', routed),
+                              ('released script\'s work (2 runs)', released)):
+        print(f'{name:<34}{wall:9.1f}{cpu:9.1f}')
+    print(f'ratio released / test.py: wall {released[0] / ours[0]:.1f}x, CPU '
+          f'{released[1] / ours[1]:.1f}x (with --released-routing: wall '
+          f'{released[0] / routed[0]:.1f}x, CPU {released[1] / routed[1]:.1f}x)')
 
 
 if __name__ == '__main__':
