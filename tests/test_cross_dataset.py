@@ -278,3 +278,15 @@ def test_regdb_as_a_target_is_tested_on_every_split_with_one_model(regdb_root, t
     assert '10 splits, one model' in record['protocol']['settings']['ir_to_vis']
     assert len(record['cross_dataset']['trained_on']) == 1
     assert record['cross_dataset']['trained_on'][0]['sources'] == [{'dataset': 'sysu'}]
+
+
+def test_visualize_draws_a_checkpoint_of_several_datasets_with_the_targets_protocol(
+        two_sources, llcm_root, tmp_path):
+    import visualize
+    _, best = two_sources
+    argv = ['--dataset', 'llcm', '--data-path', str(llcm_root), '--resume', best, '--out',
+            str(tmp_path / 'out'), '--device', 'cpu', '--trial', '0', 'cmc']
+    with pytest.raises(UserError, match='add --cross-dataset'):
+        visualize.main(argv)
+    assert visualize.main(argv + ['--cross-dataset']) == 0
+    assert any(name.endswith('.png') for name in os.listdir(tmp_path / 'out'))
