@@ -290,3 +290,35 @@ def test_visualize_draws_a_checkpoint_of_several_datasets_with_the_targets_proto
         visualize.main(argv)
     assert visualize.main(argv + ['--cross-dataset']) == 0
     assert any(name.endswith('.png') for name in os.listdir(tmp_path / 'out'))
+
+
+def test_reproduce_cross_dataset_runs_resumes_and_reports_beside_l2rw(sysu_root, regdb_root,
+                                                                      llcm_root, tmp_path,
+                                                                      capsys):
+    out = tmp_path / 'out'
+    argv = ['--table', 'cross-dataset', '--out', str(out), '--roots', f'sysu:{sysu_root}',
+            f'regdb:{regdb_root}', f'llcm:{llcm_root}', *TINY, '--epochs', '1', '--max-steps', '1']
+    assert reproduce.main(argv) == 0
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0  # everything done: nothing trained or tested again
+    assert capsys.readouterr().out.count(': done, skipped') == 3
+    table = json.load(open(out / 'cross-dataset' / 'deen_cross_dataset.json'))
+    by_protocol = {row['protocol']: row for row in table['rows']}
+    assert list(by_protocol) == ['R+S→L', 'R+L→S', 'L+S→R']
+    row = by_protocol['L+S→R']
+    assert row['published'] == {'Rank-1': 19.42, 'mAP': 19.44} and row['seeds'] == [0]
+    results = json.load(open(out / 'cross-dataset' / 'deen' / 'sysu+llcm' / 'seed0' / 'results'
+                             / 'sysu+llcm_deen_on_regdb_test.json'))
+    assert results['protocol']['trials'] == list(range(1, 11))  # one model, every RegDB split
+    ours = results['results']['ir_to_vis']['pool+feat']
+    assert row['ours']['Rank-1'] == pytest.approx(100 * np.mean(ours['Rank-1'][2]))
+    assert 'L2RW' in (out / 'cross-dataset' / 'deen_cross_dataset.md').read_text()
+
+
+def test_reproduce_transfer_report_draws_the_matrix_with_its_numbers(tmp_path):
+    out = tmp_path / 'out'
+    assert reproduce.main(['--table', 'transfer', '--out', str(out), '--report']) == 0
+    numbers = json.load(open(out / 'transfer' / 'deen_transfer.json'))
+    assert numbers['sources'] == numbers['targets'] == list(SOURCE_ORDER)
+    assert numbers['cells'] == [[None] * 3] * 3  # nothing run yet
+    assert (out / 'transfer' / 'deen_transfer.png').stat().st_size > 0
