@@ -320,6 +320,9 @@ def check_test_inputs(args):
     trial tested (index files, folders, images), the checkpoint of each RegDB split, and the
     folders the results and features go to."""
     layout = layout_of(args.dataset)
+    if args.released_routing and layout != 'regdb':
+        raise UserError(f'--released-routing routes RegDB\'s test images as the released script '
+                        f'does; {dataset_facts(layout).title} has no such setting, drop it.')
     check_data_folder(args.data_path, args.dataset)
     for group in trial_groups(args, layout):
         check_torch_file(checkpoint_for_trial(args.resume, group[0]), 'resume')

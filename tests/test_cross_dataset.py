@@ -322,3 +322,11 @@ def test_reproduce_transfer_report_draws_the_matrix_with_its_numbers(tmp_path):
     assert numbers['sources'] == numbers['targets'] == list(SOURCE_ORDER)
     assert numbers['cells'] == [[None] * 3] * 3  # nothing run yet
     assert (out / 'transfer' / 'deen_transfer.png').stat().st_size > 0
+
+
+def test_released_routing_is_refused_outside_regdb(llcm_root, tmp_path):
+    checkpoint = tmp_path / 'llcm.pth'
+    seeded_checkpoint(checkpoint, 'llcm', num_classes=6)
+    with pytest.raises(UserError, match='LLCM has no such setting, drop it.'):
+        test_script.main(['--resume', str(checkpoint), '--data-path', str(llcm_root),
+                          '--device', 'cpu', '--released-routing'])
