@@ -1,5 +1,6 @@
 """Image lists of SYSU-MM01, RegDB and LLCM (training sets, test queries and random galleries):
-one generic reader driven by a table of per-dataset facts, under the names VI-ReID repos call."""
+one generic reader driven by a table of per-dataset facts, under the names VI-ReID repos call;
+and the training lists of several datasets merged into one identity space by fixed offsets."""
 import dataclasses
 import os
 import random
@@ -99,6 +100,9 @@ DATASET_ALIASES = {'demo': 'llcm'}  # the demo data uses LLCM's layout and rules
 DATASETS = (*DATASET_FACTS, *DATASET_ALIASES)  # the --dataset choices of train.py and test.py
 DEFAULT_DATA_PATHS = {'sysu': 'data/SYSU-MM01', 'regdb': 'data/RegDB', 'llcm': 'data/LLCM',
                       'demo': 'data/demo'}
+# The order in which the identity spaces of several training datasets are merged, whatever order
+# they are named in (L2RW's): RegDB's identities first, then SYSU-MM01's, then LLCM's.
+SOURCE_ORDER = ('regdb', 'sysu', 'llcm')
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,74 @@ def train_image_lists(dataset, data_path, trial=1):
     label_of = _shared_labels(facts, {m: [pid for _, pid, _ in entries[m]] for m in MODALITIES})
     return {m: _image_list([(path, label_of[pid], cam) for path, pid, cam in entries[m]], m)
             for m in MODALITIES}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training dataset of a run on several: its name (a SOURCE_ORDER entry), its root and,
+    for RegDB, its split."""
+    dataset: str
+    data_path: str
+    trial: int = 1
+
+
+@dataclass(frozen=True)
+class SourceLists:
+    """The training lists of one source (its own labels 0..identities-1) and the offset its labels
+    take in the merged identity space."""
+    source: Source
+    lists: dict          # {'visible': ImageList, 'infrared': ImageList}
+    identities: int
+    offset: int
+
+
+def ordered_sources(sources):
+    """The sources in SOURCE_ORDER; a dataset named twice or outside SOURCE_ORDER is refused."""
+    names = [source.dataset for source in sources]
+    unknown = [name for name in names if name not in SOURCE_ORDER]
+    if unknown:
+        raise UserError(f'unknown training dataset {unknown[0]!r}; expected one of '
+                        f'{", ".join(SOURCE_ORDER)}.')
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f'training dataset {twice[0]} is named twice; name each dataset once.')
+    return sorted(sources, key=lambda source: SOURCE_ORDER.index(source.dataset))
+
+
+def source_train_image_lists(sources):
+    """[SourceLists] of the sources in SOURCE_ORDER: each source's training lists as
+    train_image_lists reads them, and its offset, the identities of the sources before it."""
+    parts, offset = [], 0
+    for source in ordered_sources(sources):
+        lists = train_image_lists(source.dataset, source.data_path, trial=source.trial)
+        identities = int(lists['visible'].pids.max()) + 1
+        parts.append(SourceLists(source, lists, identities, offset))
+        offset += identities
+    return parts
+
+
+def merged_train_image_lists(parts):
+    """{'visible': ImageList, 'infrared': ImageList} of [SourceLists]: the sources' images in
+    order, each label raised by its source's offset (disjoint identities; one source: its lists
+    as they are)."""
+    if len(parts) == 1 and parts[0].offset == 0:
+        return parts[0].lists
+    merged = {}
+    for modality in MODALITIES:
+        lists = [part.lists[modality] for part in parts]
+        merged[modality] = ImageList(
+            [path for image_list in lists for path in image_list.paths],
+            np.concatenate([lst.pids + part.offset for lst, part in zip(lists, parts)]),
+            np.concatenate([lst.camids for lst in lists]), modality)
+    return merged
+
+
+def source_records(parts):
+    """What a checkpoint records of its sources: [{dataset, data_path, trial (RegDB; else None),
+    identities, offset}] in merge order."""
+    return [{'dataset': part.source.dataset, 'data_path': part.source.data_path,
+             'trial': part.source.trial if part.source.dataset == 'regdb' else None,
+             'identities': part.identities, 'offset': part.offset} for part in parts]
 
 
 # The names the AGW / DDAG / DEEN family calls; each returns (paths, ids, cameras).

@@ -20,6 +20,7 @@ from inference import (FUSIONS, checkpoint_dataset, extract_features, fused_dist
 from methods import find_fusion
 from provenance import format_provenance, run_provenance
 from rerank import K1, K2, LAMBDA, distances_from_similarity, k_reciprocal_rerank
+from sources import check_inferred_dataset, cross_dataset_header, cross_dataset_record
 from utils import (UserError, add_image_size_args, add_runtime_args, fill_runtime_defaults,
                    load_checkpoint, manual_parser, written_atomically)
 
@@ -28,10 +29,11 @@ RESULTS_FORMAT = 'deen-vireid-results'
 RANKS = (1, 5, 10, 20)
 
 
-def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False):
-    """[(setting name, trial, query, gallery)] for every direction (and SYSU mode) and trial."""
+def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False, directions=None):
+    """[(setting name, trial, query, gallery)] for every direction (default: all of the
+    dataset's; tested_directions) and SYSU mode, and trial."""
     splits = []
-    for direction in dataset_facts(layout).directions:
+    for direction in directions or dataset_facts(layout).directions:
         for mode in (modes if layout == 'sysu' else ('all',)):
             name = f'{mode} {direction}' if layout == 'sysu' else direction
             for trial in trials:
@@ -39,6 +41,13 @@ def protocol_splits(layout, data_path, trials, modes=('all',), multi_shot=False)
                                                multi_shot=multi_shot)
                 splits.append((name, trial, query, gallery))
     return splits
+
+
+def tested_directions(layout, released_routing=False):
+    """The directions test.py evaluates: the dataset's, RegDB's released routing (each image
+    through the other stem: a second pass of every image) only with --released-routing."""
+    return tuple(direction for direction in dataset_facts(layout).directions
+                 if released_routing or direction not in OTHER_STEM_DIRECTIONS)
 
 
 def evaluate_store(store, layout, splits, fusions=FUSIONS):
@@ -128,13 +137,14 @@ def parse_trials(trial, layout):
 
 
 def trial_groups(args, layout):
-    """The trials tested with one model each: RegDB one split per model ({trial} in --resume),
-    SYSU-MM01 and LLCM all gallery trials with the one model."""
+    """The trials tested with one model each: RegDB one split per model ({trial} in --resume;
+    a cross-dataset test may test every split with one model, as L2RW does), SYSU-MM01 and LLCM
+    all gallery trials with the one model."""
     trials = corrupted_trials(getattr(args, 'corrupted', None), layout,
                               parse_trials(args.trial, layout), args.trial)
     if layout != 'regdb':
         return [trials]
-    if len(trials) > 1 and '{trial}' not in args.resume:
+    if len(trials) > 1 and '{trial}' not in args.resume and not args.cross_dataset:
         raise UserError('RegDB tests each split with the model trained on it: put {trial} in '
                         '--resume (e.g. save_model/regdb_deen_trial{trial}_best.pth) or pass --trial N.')
     if len(trials) > 1 and args.save_features and '{trial}' not in args.save_features:
@@ -156,14 +166,17 @@ def run_protocol(args, device, ctx):
     models = []
     for group in trial_groups(args, layout):
         path = checkpoint_for_trial(args.resume, group[0])
-        model, info = load_trained_model(path, args.dataset, device)
-        models.append({'checkpoint': path, 'trials': list(group),
+        model, info = load_trained_model(path, args.dataset, device,
+                                         cross_dataset=args.cross_dataset)
+        models.append({'checkpoint': path, 'trials': list(group), 'trained_on': info['dataset'],
+                       'sources': info['sources'],
                        **{key: info[key] for key in ('method', 'arch', 'epoch', 'seed',
                                                      'provenance')}})
         args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
         check_network_input(model, info['method'], args.img_h, args.img_w)  # before any image
         model = inference_model(model, args)
-        splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot)
+        splits = protocol_splits(layout, args.data_path, group, modes, args.multi_shot,
+                                 tested_directions(layout, args.released_routing))
         fusions = method_fusions(info['method'])
         trial_results, store = evaluate_splits(model, layout, splits, args, device, ctx, fusions)
         for name, by_fusion in trial_results.items():
@@ -228,6 +241,12 @@ def add_test_args(parser):
                       'gallery trial 0..9 or all')
     data.add_argument('--multi-shot', action='store_true',
                       help='SYSU-MM01 multi-shot gallery (10 images per identity and camera)')
+    data.add_argument('--released-routing', action='store_true',
+                      help='RegDB: also the released test script\'s routing (each image through '
+                      'the other modality\'s stem; a second pass of every image)')
+    data.add_argument('--cross-dataset', action='store_true',
+                      help='test a checkpoint trained on other datasets with --dataset\'s '
+                      'protocol (the classifier is unused)')
     model = parser.add_argument_group('model')
     model.add_argument('--resume', required=True, help='checkpoint file; for RegDB put {trial} in '
                        'the path to use each split\'s own model')
@@ -269,6 +288,7 @@ def resolve_dataset(args):
     if args.dataset is None:
         path = checkpoint_for_trial(args.resume, args.trial if str(args.trial).isdigit() else 1)
         args.dataset, how = checkpoint_dataset(load_checkpoint(path), path, required=True)
+        check_inferred_dataset(args.dataset, path)
         note = f'dataset {args.dataset}: {how} (pass --dataset to override)'
     args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
     return note
@@ -286,6 +306,9 @@ def run_test(args, device, ctx):
     summaries, counts, models, reranked = run_protocol(args, device, ctx)
     if not ctx.is_main:
         return None
+    crossed = cross_dataset_record(args.dataset, models)
+    if crossed:
+        print(cross_dataset_header(crossed) + '\n')
     label = args.dataset
     if args.corrupted:
         print(header(args.corrupted, layout_of(args.dataset)) + '\n')
@@ -295,6 +318,7 @@ def run_test(args, device, ctx):
           f'({counts["forward_passes"]} batches); running the released script once per setting '
           f'would decode {counts["separate_extraction_images"]} images.')
     record = results_record(args, summaries, counts, models, run_provenance(args, ctx, device))
+    record['cross_dataset'] = crossed
     if args.corrupted:
         record['corruption'] = plan_of(args).record(args.data_path)
     if args.rerank:
@@ -312,11 +336,14 @@ def check_test_inputs(args):
     trial tested (index files, folders, images), the checkpoint of each RegDB split, and the
     folders the results and features go to."""
     layout = layout_of(args.dataset)
+    if args.released_routing and layout != 'regdb':
+        raise UserError(f'--released-routing routes RegDB\'s test images as the released script '
+                        f'does; {dataset_facts(layout).title} has no such setting, drop it.')
     check_data_folder(args.data_path, args.dataset)
     for group in trial_groups(args, layout):
         check_torch_file(checkpoint_for_trial(args.resume, group[0]), 'resume')
         splits = protocol_splits(layout, args.data_path, group, search_modes(args.mode),
-                                 args.multi_shot)
+                                 args.multi_shot, tested_directions(layout, args.released_routing))
         check_images_exist([lst for _, _, query, gallery in splits for lst in (query, gallery)],
                            'test')
         check_corrupted_modality(args.corrupted, [lst for _, _, query, gallery in splits
@@ -335,11 +362,13 @@ def results_record(args, summaries, counts, models, made):
     training provenance, this run's provenance), the summaries and the extraction counts."""
     layout = layout_of(args.dataset)
     trials = sorted({t for model in models for t in model['trials']})
+    one_model = len({model['checkpoint'] for model in models}) < len(trials)  # cross-dataset RegDB
     protocol = {'trials': trials, 'multi_shot': bool(args.multi_shot), 'img_h': args.img_h,
                 'img_w': args.img_w,
                 'fusions': {name: fusion_record(w) for model in models
                             for name, w in method_fusions(model['method']).items()},
-                'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot)
+                'settings': {name: describe_setting(layout, name, len(trials), args.multi_shot,
+                                                    one_model=one_model)
                              for name in summaries}}
     return {'format': RESULTS_FORMAT, 'dataset': args.dataset, 'data_path': args.data_path,
             'checkpoint': args.resume, 'protocol': protocol, 'results': summaries,
@@ -396,9 +425,10 @@ MODALITY_NAMES = {'visible': ('VIS', 'visible'), 'infrared': ('IR', 'infrared')}
 RELEASED_NAMES = {'released_vis_to_ir': ' (what the released test.py calls "VIS to IR")'}
 
 
-def describe_setting(layout, name, trials, multi_shot=False, fusion=None):
+def describe_setting(layout, name, trials, multi_shot=False, fusion=None, one_model=False):
     """The exact protocol of a setting in words: direction, search mode, what query and gallery
-    hold (single- or multi-shot), the stems, the trials and (when given) the fusion."""
+    hold (single- or multi-shot), the stems, the trials and (when given) the fusion; one_model:
+    RegDB's splits were tested with one model (a cross-dataset test), not each with its own."""
     facts = dataset_facts(layout)
     direction = setting_direction(name)
     (query_modality, query_draw), (gallery_modality, gallery_draw) = DIRECTION_PLANS[direction]
@@ -413,7 +443,8 @@ def describe_setting(layout, name, trials, multi_shot=False, fusion=None):
     if direction in OTHER_STEM_DIRECTIONS:
         parts.append('each image through the other modality\'s stem (released test.py)')
     if facts.trials is not None:
-        parts.append(f'{trials} split{"s" if trials != 1 else ""}, each with its own model')
+        models = 'one model' if one_model else 'each with its own model'
+        parts.append(f'{trials} split{"s" if trials != 1 else ""}, {models}')
     else:
         parts.append(f'{trials} gallery trial{"s" if trials != 1 else ""}')
     if fusion:

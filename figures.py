@@ -588,6 +588,8 @@ def draw_benchmark(numbers, out_path):
         ax.grid(axis='x', alpha=0.3)
         ax.legend(fontsize=7, loc='best')
     return _save(figure, out_path)
+
+
 def draw_corruption_grid(numbers, out_path):
     """The corruption x severity grid (reproduce.py --table robustness): Rank-1 and mAP in % of
     each corruption (rows) at each severity (columns) as two annotated heat maps, the clean and
@@ -623,3 +625,22 @@ def draw_corruption_grid(numbers, out_path):
 
 def _or_dash(value):
     return '—' if value is None else f'{value:.1f}'
+
+
+def draw_transfer(numbers, out_path):
+    """The transfer matrix (reproduce.py --table transfer): one heat map per metric, a row per
+    training dataset and a column per target, each cell's value in %, '-' where not run."""
+    figure, axes = _panels(2)
+    for ax, metric in zip(axes, ('Rank-1', 'mAP')):
+        values = np.array([[np.nan if cell is None else cell[metric] for cell in row]
+                           for row in numbers['cells']], dtype=float)
+        ax.imshow(np.nan_to_num(values, nan=0.0), cmap='viridis', vmin=0, vmax=100)
+        for (row, column), value in np.ndenumerate(values):
+            ax.text(column, row, '-' if np.isnan(value) else f'{value:.1f}', ha='center',
+                    va='center', color='white' if np.isnan(value) or value < 60 else 'black')
+        ax.set_xticks(range(len(numbers['targets'])), numbers['target_titles'])
+        ax.set_yticks(range(len(numbers['sources'])), numbers['source_titles'])
+        ax.set_xlabel('tested on')
+        ax.set_ylabel('trained on')
+        ax.set_title(f'{numbers["method"]} {metric} (%), fusion {numbers["fusion"]}', fontsize=10)
+    return _save(figure, out_path)

@@ -58,7 +58,7 @@ def add_checkpoint_args(group):
                        'class count names no dataset')
 
 
-def load_trained_model(path, dataset=None, device='cpu'):
+def load_trained_model(path, dataset=None, device='cpu', cross_dataset=False):
     """Build the network a checkpoint describes and load its weights: our checkpoints carry their
     dataset, method, trunk and image size; a released DEEN or AGW checkpoint (`{'net':
     state_dict, ...}`) is told apart by its keys, takes its method's image size, and its class
@@ -66,17 +66,22 @@ def load_trained_model(path, dataset=None, device='cpu'):
     (model, info) with info holding method, arch, img_h, img_w, num_classes, epoch, the training
     dataset (a released checkpoint's as its class count names it, else None), provenance (ours:
     how it was trained, see provenance.py), seed and network (DEEN's switches as recorded, a dict
-    of model.NetworkSwitches; None: the released network, as in released and older checkpoints)."""
+    of model.NetworkSwitches; None: the released network, as in released and older checkpoints)
+    and sources (a run on several datasets: what it records of each, sources.py; else None).
+    A checkpoint of ours tested on another dataset than its own (or its sources) needs
+    cross_dataset (test.py --cross-dataset); its network is the one it was trained as (DEEN's
+    RegDB network differs), built from what it records, not from the test dataset."""
     state = load_checkpoint(path)
     trained_on, _ = checkpoint_dataset(state, path, required=dataset is None)
     dataset = dataset or trained_on
+    network_dataset = dataset
     if state.get('format') == CHECKPOINT_FORMAT:
-        from data_manager import layout_of
-        if layout_of(state['dataset']) != layout_of(dataset):
-            raise UserError(f'checkpoint {path} was trained on {state["dataset"]}; test it with '
-                            f'--dataset {state["dataset"]}.')
+        from sources import check_tested_dataset
+        check_tested_dataset(state['dataset'], dataset, path, cross_dataset)
+        network_dataset = state['dataset']
         info = {key: state[key] for key in ('method', 'img_h', 'img_w', 'num_classes', 'epoch',
                                             'dataset')}
+        info['sources'] = state.get('sources')
         info['arch'] = state.get('arch', 'resnet50')
         info['provenance'] = state.get('provenance')
         info['seed'] = state.get('args', {}).get('seed')
@@ -89,8 +94,8 @@ def load_trained_model(path, dataset=None, device='cpu'):
         info = {'method': method, 'arch': 'resnet50', 'img_h': height, 'img_w': width,
                 'num_classes': int(weights['classifier.weight'].shape[0]),
                 'epoch': state.get('epoch'), 'dataset': trained_on, 'provenance': None,
-                'seed': None, 'network': None}
-    model = build_network(info['method'], info['num_classes'], dataset, pretrained=None,
+                'seed': None, 'network': None, 'sources': None}
+    model = build_network(info['method'], info['num_classes'], network_dataset, pretrained=None,
                           arch=info['arch'], settings=info['network'])
     try:
         load_model_weights(model, weights)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 import corruption_report
+import cross_tables
 import figures
 import training
 from data_manager import DATASETS, dataset_facts
@@ -31,7 +32,8 @@ TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
 # train.py flags that reproduce.py sets for each part, and what to use instead
 CONTROLLED = {'--dataset': '--dataset', '--method': '--method', '--seed': '--seeds',
               '--trial': '--trials', '--resume': 're-running the same command',
-              '--model_path': '--out', '--log_path': '--out'}
+              '--model_path': '--out', '--log_path': '--out', '--sources': '--table cross-dataset',
+              '--eval-dataset': '--table cross-dataset'}
 
 
 def build_parser():
@@ -46,15 +48,18 @@ def build_parser():
     table.add_argument('--dataset', choices=(*DATASETS, 'all'),
                        help='the table to reproduce; all = SYSU-MM01, RegDB and LLCM (with --table '
                        'or --sweep: narrows the datasets they run on)')
-    table.add_argument('--table', default='main', choices=('main', 'benchmark', *ABLATION_TABLES,
-                                                           'robustness'),
+    table.add_argument('--table', default='main',
+                       choices=('main', 'benchmark', *ABLATION_TABLES, 'robustness',
+                                *cross_tables.TABLES),
                        help='main: the results table of --dataset; benchmark: the LLCM benchmark '
                        '(the paper\'s Table 3), every method\'s row on LLCM (--dataset sysu, '
                        'regdb: the rows that publish numbers there); components, dee-stage, '
                        'branches, attention: Tables 4-7 of the paper, every row on LLCM and '
                        'SYSU-MM01 (--dataset narrows); robustness: the main table\'s checkpoints '
                        'also tested on corrupted images (CIL\'s mixed set and the corruption x '
-                       'severity grid; docs/reproducing.md)')
+                       'severity grid; docs/reproducing.md); cross-dataset: train on two datasets, '
+                       'test on the third (L2RW); transfer: train on each, test on each (any '
+                       '--method)')
     table.add_argument('--sweep', nargs='+', metavar=('FLAG', 'VALUE'),
                        help='FLAG V1 V2 ...: one training per value of a numeric train.py flag '
                        '(e.g. lambda_1 0.2 0.4 0.6 0.8 1.0) on LLCM (--dataset: another), a figure '
@@ -72,6 +77,7 @@ def build_parser():
                       help='training seeds; with several, ours is the mean over all of them')
     runs.add_argument('--trials', type=int, nargs='+',
                       help='RegDB splits to run (default: all ten)')
+    cross_tables.add_table_args(runs)
     output = parser.add_argument_group('output')
     output.add_argument('--out', default=os.path.join('runs', 'reproduce'),
                         help='folder of the checkpoints, logs, results files and comparisons')
@@ -90,7 +96,10 @@ def parse_args(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
     check_benchmark_args(args)
     args.method = args.method or 'deen'
-    check_ablation_args(args, train_flags)
+    if args.table in cross_tables.TABLES:
+        cross_tables.check_args(args, train_flags)
+    else:
+        check_ablation_args(args, train_flags)
     check_args(args, train_flags)
     args.train_flags = train_flags
     return args
@@ -183,6 +192,7 @@ class Part:
                 '--trial', str(self.trial) if self.dataset == 'regdb' else 'all',
                 '--workers', str(args.workers), '--test-batch', str(args.test_batch),
                 '--amp', args.amp]
+        argv += ['--released-routing'] if self.dataset == 'regdb' else []  # the paper's numbers
         argv += ['--device', args.device] if args.device else []
         argv += ['--gpu', str(args.gpu)] if args.gpu is not None else []
         return argv + [f'--{flag.replace("_", "-")}' for flag in
@@ -329,6 +339,8 @@ def shared_statuses(plan, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table in cross_tables.TABLES:
+        return cross_tables.main(args)
     plan = make_plan(args)
     device, ctx = setup_runtime(plan[0].train_args)
     try:

@@ -18,13 +18,16 @@ from checks import (check_cache_build, check_data_folder, check_device_flags, ch
                     check_real, check_resume_network, check_resume_state, check_runtime_flags,
                     check_shared_folders, check_torch_file, checkpoint_estimate, checkpoint_space,
                     folder_writer, peek_checkpoint)
-from data_loader import ERASING_KINDS, CrossModalTrainSet, load_or_build_cache
-from data_manager import DATASETS, DEFAULT_DATA_PATHS, MODALITIES, layout_of, train_image_lists
+from data_loader import ERASING_KINDS, CrossModalTrainSet
+from data_manager import DATASETS, MODALITIES
 from evaluation import selection_rank1, selection_split
 from inference import inference_model
 from methods import METHODS, agw, build_network, get_method
 from model import BACKBONES, uses_pretrained
 from provenance import run_provenance
+from sources import (add_source_args, cache_dir_of, check_data_folders, evaluation_layout,
+                     fill_paths, load_source_caches, recipe_overrides, recorded_sources,
+                     resolve_sources, several, training_lists)
 from training_state import RunCheckpoints, plain_args
 from utils import (AverageMeter, IdentitySampler, UserError, add_runtime_args, autocast_context,
                    epoch_seed, fill_runtime_defaults, first_sentence, flag, from_main_process,
@@ -49,6 +52,15 @@ DEMO_RECIPE = dict(arch='resnet18', optim='adam', lr=1e-3, batch_size=4, num_pos
 RECIPES = {**{name: (name, []) for name in METHODS},
            **{variant: (method.name, list(flags)) for method in METHODS.values()
               for variant, flags in method.named_recipes.items()}}
+
+
+def run_recipe(args, method):
+    """The defaults of a run (docs/training.md, the recipe rule): one dataset, method_recipe; with
+    --sources or --recipe l2rw, the method's recipe under sources.recipe_overrides (several
+    datasets: no dataset's overrides, no evaluation unless --eval-dataset; L2RW's settings)."""
+    if args.recipe == 'l2rw' or several(args):
+        return {**RUN_DEFAULTS, **method.recipe, **recipe_overrides(args, method)}
+    return method_recipe(method, args.dataset)
 
 
 def method_recipe(method, dataset):
@@ -149,6 +161,7 @@ def build_parser():
                         'TensorBoard')
     output.add_argument('--resume', help='a checkpoint, "last" (this run\'s last) or "auto" (last '
                         'when it exists, else a new run: for torchrun --max-restarts)')
+    add_source_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -159,9 +172,10 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill unset flags from the method's recipe and the dataset's overrides; validate values."""
+    resolve_sources(args)
     method = get_method(args.method)
     refuse_foreign_flags(args, method)
-    recipe = method_recipe(method, args.dataset)
+    recipe = run_recipe(args, method)
     if args.random_erasing is False:
         recipe['erasing'] = None
     elif args.random_erasing and not recipe['erasing']:  # turned on where the recipe has none
@@ -169,8 +183,7 @@ def resolve_defaults(args):
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
-    args.cache_dir = args.cache_dir or args.data_path
+    fill_paths(args)
     fill_runtime_defaults(args)
     check_training_flags(args)
     method.resolve(args)
@@ -241,7 +254,12 @@ def set_learning_rate(optimizer, lr):
 
 
 def run_name(args, trial):
-    return f'{args.dataset}_{args.method}' + (f'_trial{trial}' if args.dataset == 'regdb' else '')
+    return f'{args.dataset}_{args.method}' + (f'_trial{trial}' if trains_on_regdb(args) else '')
+
+
+def trains_on_regdb(args):
+    """Whether RegDB is the dataset, or one of the --sources, of the run (its split names it)."""
+    return 'regdb' in args.dataset.split('+')
 
 
 class StopRequest:
@@ -276,11 +294,12 @@ class Trainer:
     def __init__(self, args, trial, ctx, device, logger, cache_scope='all'):
         self.args, self.trial, self.ctx, self.device, self.log = args, trial, ctx, device, logger
         self.name = run_name(args, trial)
-        self.layout = layout_of(args.dataset)
+        self.layout = evaluation_layout(args)  # None: a run on several datasets evaluates nothing
         self.method = get_method(args.method)
         self.provenance = run_provenance(args, ctx, device)  # recorded in every checkpoint
         self.checkpoints = RunCheckpoints(self, *checkpoint_paths(args, trial))
-        lists = train_image_lists(self.layout, args.data_path, trial=int(self.trial))
+        parts, lists = training_lists(args, int(self.trial))
+        self.sources = recorded_sources(args, parts)  # None for one dataset
         self.num_classes = identity_count(lists)
         seed_everything(args.seed, args.deterministic)
         # the network and its pretrained weights first: a download failure costs no cache build
@@ -301,7 +320,7 @@ class Trainer:
             self.log.info(f'{flag("resume")} auto: no {self.checkpoints.last_path} yet, a new run '
                           f'starts')
         self.caches, self.loader, self.sampler, self.loader_generator = training_data(
-            args, lists, self.views, ctx, device, folder_writer(cache_scope, ctx), run=self)
+            args, parts, self.views, ctx, device, folder_writer(cache_scope, ctx), run=self)
         self.log.info(f'{self.name}: {self.num_classes} identities, {len(self.caches[0][1])} '
                       f'visible and {len(self.caches[1][1])} infrared training images, '
                       f'{self.sampler.batches} batches of {args.batch_size}x{args.num_pos}, '
@@ -537,20 +556,16 @@ def wrapped_for_training(model, args, ctx, device):
     return torch.compile(model) if args.compile else model
 
 
-def training_data(args, lists, views, ctx, device, builds_cache, run=None):
-    """(caches, loader, sampler, the loader's generator) of a run's training images. builds_cache:
-    whether this process builds the cache (rank 0, or the first process of each node when every
-    node has its own --cache-dir); the others wait and read it. run: the Trainer, whose method
-    may change the training labels (Method.training_caches: DART's label noise) and read each
-    row's image index (Method.needs_indices)."""
+def training_data(args, parts, views, ctx, device, builds_cache, run=None):
+    """(caches, loader, sampler, the loader's generator) of a run's training images, the caches
+    of its sources' [SourceLists] (sources.training_lists) joined. builds_cache: whether this
+    process builds the caches (rank 0, or the first process of each node when every node has its
+    own --cache-dir); the others wait and read them. run: the Trainer, whose method may change
+    the training labels (Method.training_caches: DART's label noise) and read each row's image
+    index (Method.needs_indices)."""
     size = (args.img_w, args.img_h)
-    if builds_cache:
-        for modality in MODALITIES:
-            load_or_build_cache(lists[modality], args.cache_dir, size, max(args.workers, 1))
-    if ctx.enabled:
-        dist.barrier()
-    caches = [load_or_build_cache(lists[m], args.cache_dir, size, show_progress=False)
-              for m in MODALITIES]
+    caches = load_source_caches(args, parts, size, builds_cache, max(args.workers, 1),
+                                lambda: ctx.enabled and dist.barrier())
     method = run.method if run is not None else None
     if method is not None:
         caches = method.training_caches(args, caches, run)
@@ -615,7 +630,7 @@ def save_args(args, name):
 
 
 def trials_to_run(args):
-    if args.dataset != 'regdb':
+    if not trains_on_regdb(args):
         return [1]
     return list(range(1, 11)) if args.trial == 'all' else [int(args.trial)]
 
@@ -696,15 +711,15 @@ def check_run(args, ctx):
     --model_path, and --cache-dir shared by all processes or one per node where a cache must be
     built. Raises UserError naming the flag. Returns the scope of --cache-dir ('all' or 'node',
     checks.check_shared_folders), which says who builds the cache."""
-    check_data_folder(args.data_path, args.dataset)
+    check_data_folders(args, check_data_folder)
     check_output_folder(args.log_path, 'log_path', 'logs')
     check_output_folder(args.model_path, 'model_path', 'checkpoints')
     if uses_pretrained(args.pretrained) and args.pretrained.lower() != 'imagenet':
         check_torch_file(args.pretrained, 'pretrained')
-    layout, size = layout_of(args.dataset), (args.img_w, args.img_h)
+    layout, size = evaluation_layout(args), (args.img_w, args.img_h)
     files, network, builds = [], None, False
     for trial in trials_to_run(args):
-        lists = train_image_lists(layout, args.data_path, trial=trial)
+        parts, lists = training_lists(args, trial)
         IdentitySampler(lists['visible'].pids, lists['infrared'].pids, args.batch_size,
                         args.num_pos)  # enough identities per batch
         num_classes = identity_count(lists)
@@ -719,13 +734,16 @@ def check_run(args, ctx):
             check_resume_state(state, path, args, num_classes,
                                None if args.resume == 'auto' else args.epochs)
             check_resume_network(state, path, args)
-        builds |= check_cache_build([lists[m] for m in MODALITIES], args.cache_dir, size)
+        for part in parts:
+            builds |= check_cache_build([part.lists[m] for m in MODALITIES],
+                                        cache_dir_of(args, part), size)
         files += [best, last]
     needed = checkpoint_space(files, checkpoint_estimate(network, args.optim))
     check_free_space(args.model_path, 'model_path', needed, 'the checkpoints of this run')
     folders = [('model_path', args.model_path, 'the checkpoints', False)]
     if any(gathered(builds, ctx)):  # a process would build the cache: who sees it matters
-        folders.append(('cache_dir', args.cache_dir, 'the training cache', True))
+        folders.append(('cache_dir', args.cache_dir or cache_dir_of(args, parts[0]),
+                        'the training cache', True))
     return check_shared_folders(folders, ctx).get('cache_dir', 'all')
 
 

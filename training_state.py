@@ -45,7 +45,8 @@ class RunCheckpoints:
         process calls it (it gathers their RNG states). Mid-epoch, 'epoch_progress' holds
         the epoch's loss sums and counts so far; 'evaluation_pending' holds the history record
         of an epoch saved before its evaluation, which a resumed run evaluates first. 'criterion'
-        holds the criterion's state (per-epoch weights, running sums, fixed projections)."""
+        holds the criterion's state (per-epoch weights, running sums, fixed projections);
+        'sources' the datasets of a run on several (sources.recorded_sources), else None."""
         run, args = self.run, self.run.args
         position = (epoch, step) if step else (epoch + 1, 0)
         return {
@@ -61,6 +62,7 @@ class RunCheckpoints:
             'rng': {'world_size': run.ctx.world_size, 'ranks': gathered(rng_state(), run.ctx)},
             'epoch_progress': progress, 'evaluation_pending': pending,
             'metrics': metrics or {}, 'args': plain_args(args),
+            'sources': getattr(run, 'sources', None),  # a run on several datasets: each source
             'network': get_method(args.method).network_settings(args),
             'provenance': run.provenance,
         }

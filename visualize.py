@@ -45,6 +45,8 @@ def build_parser():
                       'checkpoint or the --features file names)')
     data.add_argument('--data-path', help='dataset root (default: the one the --features were '
                       'extracted from, else data/<name>)')
+    data.add_argument('--cross-dataset', action='store_true', help='the checkpoint was trained '
+                      'on other datasets: draw it with --dataset\'s protocol (docs/testing.md)')
     data.add_argument('--mode', default='all', choices=('all', 'indoor', 'both'),
                       help='SYSU-MM01 search mode(s)')
     data.add_argument('--trial', help='gallery trial(s) 0..9 or all (SYSU-MM01, LLCM; default: '
@@ -157,7 +159,8 @@ class TestSet:
         if not args.features:
             check_images_exist(self.image_lists(), 'test')
             check_corrupted_modality(args.corrupted, self.image_lists(), args.dataset)
-            model, info = load_trained_model(args.resume, args.dataset, device)
+            model, info = load_trained_model(args.resume, args.dataset, device,
+                                             cross_dataset=args.cross_dataset)
             args.img_h, args.img_w = args.img_h or info['img_h'], args.img_w or info['img_w']
             check_network_input(model, info['method'], args.img_h, args.img_w)
             self.model = inference_model(model, args)

@@ -133,7 +133,8 @@ def test_test_py_names_a_released_checkpoints_dataset_from_its_class_count(regdb
     path = tmp_path / 'regdb_deen_p4_n6_lr_0.1_seed_0_trial_1_best.t'
     torch.save({'net': released_state_dict(model.state_dict()), 'epoch': 3}, path)
     code = test_script.main(['--resume', str(path), '--data-path', str(regdb_root), '--trial', '1',
-                             '--device', 'cpu', '--workers', '0', '--img_h', '64', '--img_w', '32'])
+                             '--device', 'cpu', '--workers', '0', '--img_h', '64', '--img_w', '32',
+                             '--released-routing'])
     printed = capsys.readouterr().out
     assert code == 0
     assert "dataset regdb: inferred from the released checkpoint's 206 classes" in printed

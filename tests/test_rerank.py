@@ -250,7 +250,8 @@ def test_test_script_reranks_every_setting_of_sysu_and_regdb(dataset, trial, set
     output = tmp_path / 'results.json'
     assert test_script.main(['--dataset', dataset, '--data-path', str(root), '--resume',
                              str(checkpoint), '--device', 'cpu', '--workers', '0', '--trial', trial,
-                             '--output', str(output), '--rerank', '--lambda', '0.5']) == 0
+                             '--output', str(output), '--rerank', '--lambda', '0.5',
+                             *(['--released-routing'] if dataset == 'regdb' else [])]) == 0
     printed = capsys.readouterr().out
     record = json.load(open(output))
     assert sorted(record['results']) == sorted(record['reranked']['results']) == settings
