@@ -59,13 +59,14 @@ def corrupted_tests(part):
 
 
 def test_argv(part, test, cache_dir):
-    """test.py's arguments of a corrupted test: the part's clean test with its own results file,
-    the corruption flags and the shared cache of corrupted images."""
+    """test.py's arguments of a corrupted test: the part's clean test with its own results file
+    and the corruption flags; the mixed set keeps its images in the shared cache (a grid cell is
+    tested once, and caching all 100 would take 100 times the disk: about 48 GB for LLCM)."""
     argv = part.test_argv()
     argv[argv.index('--output') + 1] = test.results
-    flags = (['--corrupt'] if test.corruption is None else
+    flags = (['--corrupt', '--corrupt-cache', cache_dir] if test.corruption is None else
              ['--corruption', test.corruption, '--severity', str(test.severity)])
-    return argv + flags + ['--corrupt-seed', str(CORRUPT_SEED), '--corrupt-cache', cache_dir]
+    return argv + flags + ['--corrupt-seed', str(CORRUPT_SEED)]
 
 
 def cache_folder(args):
