@@ -14,6 +14,7 @@ from corruption import CORRUPTIONS, SEVERITIES, SYSU_TRIAL, Setting, check_libra
 from data_manager import layout_of
 from evaluation import parse_test_args, read_results, run_test, write_results
 from paper_results import CORRUPTED_SOURCES, corrupted_published
+from plan_steps import announce
 from utils import written_atomically
 
 CORRUPT_SEED = 0
@@ -94,7 +95,7 @@ def format_tests(plan):
     return '\n'.join(lines)
 
 
-def run_tests(args, plan, device, ctx, announce):
+def run_tests(args, plan, device, ctx):
     """Run every corrupted test not done of the parts whose training is finished."""
     for part in plan:
         if not os.path.isfile(part.checkpoint('best')):

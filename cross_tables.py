@@ -16,6 +16,7 @@ from data_manager import DEFAULT_DATA_PATHS, SOURCE_ORDER, dataset_facts
 from evaluation import parse_test_args, read_results, run_test
 from paper_results import (L2RW_PUBLISHED, LEAVE_ONE_OUT, TRANSFER_SETTINGS,
                            cross_dataset_markdown, transfer_markdown, transfer_numbers)
+from plan_steps import announce, train_unfinished
 from utils import UserError, setup_runtime
 
 TABLES = ('cross-dataset', 'transfer')
@@ -205,23 +206,14 @@ def run_plan(plan, statuses, device, ctx):
         if status.done:
             announce(ctx, f'{header}: done, skipped')
             continue
-        if not status.finished:
-            announce(ctx, f'{header}: training ({status.epochs} epochs)')
-            code = training.main(run.train_argv(resume=status.resumable))
-            if code != 0:
-                announce(ctx, f'{header}: training interrupted; run the same reproduce.py command '
-                              f'again to continue from {run.checkpoint("last")}')
-                return code
+        code = train_unfinished(run, status, header, ctx)
+        if code != 0:
+            return code
         for target in run.targets:
             if not (status.finished and status.tested[target]):
                 announce(ctx, f'{header}: testing on {target}')
                 run_test(parse_test_args(run.test_argv(target)), device, ctx)
     return 0
-
-
-def announce(ctx, text):
-    if ctx.is_main:
-        print(f'\n==> {text}', flush=True)
 
 
 def finished_records(plan, statuses, sources, target):

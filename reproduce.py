@@ -26,6 +26,7 @@ from paper_results import (ABLATION_SETTINGS, ABLATION_TABLE_DATASETS, ABLATION_
                            benchmark_dataset_rows, benchmark_figure_numbers, benchmark_markdown,
                            benchmark_published, benchmark_settings, compare, comparison_markdown,
                            write_comparison)
+from plan_steps import announce, train_unfinished
 from utils import UserError, flag, load_checkpoint, manual_parser, run_main, setup_runtime
 
 TABLE_DATASETS = ('sysu', 'regdb', 'llcm')  # what --dataset all runs
@@ -290,22 +291,13 @@ def run_plan(plan, statuses, device, ctx):
         if status.done:
             announce(ctx, f'{header}: done, skipped')
             continue
-        if not status.finished:
-            resume = f', resumed after {status.epochs_done} done' if status.resumable else ''
-            announce(ctx, f'{header}: training ({status.epochs} epochs{resume})')
-            code = training.main(part.train_argv(resume=status.resumable))
-            if code != 0:
-                announce(ctx, f'{header}: training interrupted; run the same reproduce.py command '
-                              f'again to continue from {part.checkpoint("last")}')
-                return code
+        resumed = f', resumed after {status.epochs_done} done' if status.resumable else ''
+        code = train_unfinished(part, status, header, ctx, resumed)
+        if code != 0:
+            return code
         announce(ctx, f'{header}: testing {part.checkpoint("best")}')
         run_test(parse_test_args(part.test_argv()), device, ctx)
     return 0
-
-
-def announce(ctx, text):
-    if ctx.is_main:
-        print(f'\n==> {text}', flush=True)
 
 
 def report(args, plan, statuses):
@@ -359,7 +351,7 @@ def main(argv=None):
             if code != 0:
                 return code
             if robustness:
-                corruption_report.run_tests(args, plan, device, ctx, announce)
+                corruption_report.run_tests(args, plan, device, ctx)
             statuses = shared_statuses(plan, ctx)
         if ctx.is_main:
             reporters = {'main': report, 'benchmark': benchmark_report,

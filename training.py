@@ -556,7 +556,7 @@ def wrapped_for_training(model, args, ctx, device):
     return torch.compile(model) if args.compile else model
 
 
-def training_data(args, parts, views, ctx, device, builds_cache, run=None):
+def training_data(args, parts, views, ctx, device, builds_cache, run):
     """(caches, loader, sampler, the loader's generator) of a run's training images, the caches
     of its sources' [SourceLists] (sources.training_lists) joined. builds_cache: whether this
     process builds the caches (rank 0, or the first process of each node when every node has its
@@ -566,10 +566,8 @@ def training_data(args, parts, views, ctx, device, builds_cache, run=None):
     size = (args.img_w, args.img_h)
     caches = load_source_caches(args, parts, size, builds_cache, max(args.workers, 1),
                                 lambda: ctx.enabled and dist.barrier())
-    method = run.method if run is not None else None
-    if method is not None:
-        caches = method.training_caches(args, caches, run)
-    dataset = CrossModalTrainSet(*caches, views, with_indices=bool(method and method.needs_indices))
+    caches = run.method.training_caches(args, caches, run)
+    dataset = CrossModalTrainSet(*caches, views, with_indices=run.method.needs_indices)
     sampler = IdentitySampler(caches[0][1], caches[1][1], args.batch_size, args.num_pos,
                               seed=args.seed, world_size=ctx.world_size, rank=ctx.rank)
     # its own generator: creating the workers draws nothing from the training process's RNG
