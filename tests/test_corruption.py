@@ -167,7 +167,7 @@ def test_the_same_seed_gives_byte_identical_images_with_0_and_2_workers_and_in_2
               ' sys.argv[2])')
     subprocess.run([sys.executable, '-c', script, str(llcm_root), str(out)], cwd=REPO,
                    check=True, env={**os.environ, 'PYTHONPATH': REPO})
-    assert torch.equal(in_main, torch.load(out))
+    assert torch.equal(in_main, torch.load(out, weights_only=True))
     clean = loaded(paths, None, 0)
     assert not torch.equal(in_main, clean)
     other_seed = corruption.Plan(setting(seed=12)).corruptor([visible])

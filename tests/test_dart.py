@@ -478,7 +478,7 @@ def test_the_division_split_over_processes_keeps_the_last_batchs_loss(tmp_path):
     # one process writing batches 0..3 in order: row 0 by batch 2, row 1 by 3, rows 2, 3 by 1
     expected = torch.tensor([[30.0, 41.0, 22.0, 23.0, 34.0, 35.0]], dtype=torch.float64)
     for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f'rank{rank}.pt'), expected)
+        assert torch.equal(torch.load(tmp_path / f'rank{rank}.pt', weights_only=True), expected)
 
 
 @pytest.mark.parametrize('dataset', ['sysu', 'regdb'])
